@@ -1,0 +1,5 @@
+import sys
+
+from pvpy.cli import main
+
+sys.exit(main())

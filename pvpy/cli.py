@@ -1,0 +1,279 @@
+"""The ``pvpy`` command line: ``pvpy <noun> <verb>``.
+
+Exit codes: 0 success; 1 other pvpy error; 2 usage; 3 trust refused
+(signature, key, rollback, expiry); 4 manifest/spec invalid; 5 storage or
+object error; 6 key file; 7 an outside program failed; 70 internal error
+(a bug: set PVPY_DEBUG=1 for the traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pvpy.errors import PvpyError, UsageError
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(line.format(*headers).rstrip())
+    for row in rows:
+        print(line.format(*row).rstrip())
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# --- key ---------------------------------------------------------------------
+
+
+def cmd_key_gen(args: argparse.Namespace) -> int:
+    from pvpy.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, generate_key
+
+    key = generate_key(Path(args.out))
+    print(f"key id   {key.keyid}")
+    print(f"private  {Path(args.out) / PRIVATE_KEY_FILE}  (keep it secret, off the device)")
+    print(f"public   {Path(args.out) / PUBLIC_KEY_FILE}  (give it to devices: --trust)")
+    return 0
+
+
+def cmd_key_keyset(args: argparse.Namespace) -> int:
+    from pvpy.signing import load_public_key, load_signing_key, make_keyset
+    from pvpy.store import write_atomic
+
+    publics = [load_public_key(Path(p)) for p in args.key]
+    signers = [load_signing_key(Path(p)) for p in args.sign]
+    if not 1 <= args.threshold <= len(publics):
+        raise UsageError("--threshold must be between 1 and the number of --key")
+    if args.version < 1:
+        raise UsageError("--version must be >= 1")
+    data = make_keyset(publics, args.version, args.threshold, signers)
+    write_atomic(Path(args.out), data)
+    print(f"key set v{args.version}: {len(publics)} key(s), threshold {args.threshold}, "
+          f"signed by {len(signers)} -> {args.out}")
+    return 0
+
+
+# --- state -------------------------------------------------------------------
+
+
+def cmd_state_build(args: argparse.Namespace) -> int:
+    from pvpy.spec import build
+
+    result = build(Path(args.spec), Path(args.out), revision=args.revision)
+    state = result.state
+    total = sum(ref.size for ref in state.objects().values())
+    print(
+        f"built revision {state.revision}: {len(state.containers)} container(s), "
+        f"{len(state.objects())} object(s), {_size(total)} "
+        f"({result.objects_added} new) -> {args.out}"
+    )
+    print(f"next: pvpy state sign {args.out} --key KEY")
+    return 0
+
+
+def cmd_state_sign(args: argparse.Namespace) -> int:
+    from pvpy.signing import load_signing_key, sign_state
+    from pvpy.state import canonical, validate
+    from pvpy.store import SIGNATURE_FILE, STATE_FILE, write_atomic
+
+    out = Path(args.dir)
+    try:
+        data = (out / STATE_FILE).read_bytes()
+    except OSError as e:
+        raise UsageError(f"{out}: no readable {STATE_FILE} ({e.strerror})") from e
+    doc = canonical.decode(data)
+    if canonical.encode(doc) != data:
+        from pvpy.errors import ManifestError
+
+        raise ManifestError("state.json is not in canonical form; rebuild it")
+    validate(doc)  # never sign what a device would refuse
+    keys = [load_signing_key(Path(k)) for k in args.key]
+    write_atomic(out / SIGNATURE_FILE, sign_state(data, keys))
+    if args.keyset:
+        from pvpy.signing import parse_keyset_unverified
+        from pvpy.trust import KEYSET_FILE
+
+        ks = Path(args.keyset).read_bytes()
+        parse_keyset_unverified(ks)
+        write_atomic(out / KEYSET_FILE, ks)
+    ids = ", ".join(k.keyid[:16] for k in keys)
+    print(f"signed revision {doc['revision']} with {ids}")
+    return 0
+
+
+def cmd_state_verify(args: argparse.Namespace) -> int:
+    from pvpy.signing import TrustStore
+    from pvpy.trust import verify_revision_dir
+
+    trust = TrustStore.from_files(Path(p) for p in args.trust)
+    verified = verify_revision_dir(
+        Path(args.dir),
+        trust,
+        current_revision=args.current,
+        check_objects=not args.no_objects,
+    )
+    n = len(verified.state.objects())
+    checked = "not checked" if args.no_objects else "verified"
+    signers = ", ".join(k[:16] for k in verified.signed_by)
+    print(f"OK: revision {verified.revision} signed by {signers}; {n} object(s) {checked}")
+    return 0
+
+
+def cmd_state_show(args: argparse.Namespace) -> int:
+    from pvpy.errors import SignatureError
+    from pvpy.signing import parse_envelope_unverified
+    from pvpy.state import parse_unverified
+    from pvpy.trust import read_revision_dir
+
+    state_bytes = (Path(args.dir) / "state.json")
+    if args.json:
+        sys.stdout.write(state_bytes.read_text() + "\n")
+        return 0
+    try:
+        data, sig, _ = read_revision_dir(Path(args.dir))
+        signers = [k[:16] for k, _ in parse_envelope_unverified(sig)]
+        signed = "by " + ", ".join(signers) + " (unverified: use `pvpy state verify`)"
+    except SignatureError:
+        data = state_bytes.read_bytes()
+        signed = "NO"
+    state = parse_unverified(data)
+    print(f"revision     {state.revision}")
+    if state.description:
+        print(f"description  {state.description}")
+    print(f"created      {state.created or '-'}")
+    print(f"expires      {state.expires or 'never'}")
+    print(f"signed       {signed}")
+    bsp = state.bsp.to_dict()
+    if bsp:
+        parts = [f"{k}={v['sha256'][:12]}" for k, v in bsp.items() if isinstance(v, dict)]
+        print(f"bsp          {' '.join(parts)}")
+    print(f"groups       {' -> '.join(g.name for g in state.groups)}")
+    print()
+    rows = [
+        [
+            c.name,
+            c.role,
+            c.group,
+            c.status_goal,
+            c.restart.policy,
+            c.rootfs.sha256[:12],
+            _size(c.rootfs.size),
+            " ".join(c.args)[:40],
+        ]
+        for c in state.start_order()
+    ]
+    _print_table(["NAME", "ROLE", "GROUP", "GOAL", "RESTART", "ROOTFS", "SIZE", "ARGS"], rows)
+    return 0
+
+
+# --- parser ------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pvpy",
+        description="Signed container revisions for embedded Linux devices.",
+        epilog="Run `pvpy <noun> <verb> --help` for details.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    nouns = parser.add_subparsers(dest="noun", metavar="<noun>", required=True)
+
+    key = nouns.add_parser("key", help="signing keys").add_subparsers(
+        dest="verb", metavar="<verb>", required=True
+    )
+    p = key.add_parser("gen", help="make an Ed25519 key pair (pvpy.key, pvpy.pub)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the key files")
+    p.set_defaults(func=cmd_key_gen)
+    p = key.add_parser(
+        "keyset",
+        help="make a signed key set (keys.json) for key rotation",
+        description="A key set lists the public keys a device trusts and how many must "
+        "sign. A device moves from key set N to a newer one only if it is signed by "
+        "a threshold of the old keys AND of the new keys (sign with both).",
+    )
+    p.add_argument("--key", action="append", required=True, metavar="PUB",
+                   help="public key to trust (repeat)")
+    p.add_argument("--sign", action="append", required=True, metavar="KEY",
+                   help="private key that signs the set (repeat: old and new)")
+    p.add_argument("--version", type=int, required=True, help="key set version, only goes up")
+    p.add_argument("--threshold", type=int, default=1, help="signatures needed (default 1)")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write keys.json")
+    p.set_defaults(func=cmd_key_keyset)
+
+    state = nouns.add_parser("state", help="revisions: build, sign, verify, show").add_subparsers(
+        dest="verb", metavar="<verb>", required=True
+    )
+    p = state.add_parser("build", help="build a revision from a YAML spec")
+    p.add_argument("spec", metavar="SPEC.yaml")
+    p.add_argument("--out", required=True, metavar="DIR", help="revision directory to write")
+    p.add_argument("--revision", type=int, help="override the spec's revision number")
+    p.set_defaults(func=cmd_state_build)
+    p = state.add_parser("sign", help="sign a built revision (writes state.sig.json)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--key", action="append", required=True, metavar="KEY",
+                   help="private key file or key directory (repeat for a threshold)")
+    p.add_argument("--keyset", metavar="FILE", help="ship this keys.json (key rotation)")
+    p.set_defaults(func=cmd_state_sign)
+    p = state.add_parser(
+        "verify",
+        help="check signature, schema, anti-rollback, expiry and every object",
+        description="Exit 0 when the revision may run; otherwise a one-line reason and "
+        "exit 3 (trust), 4 (manifest) or 5 (objects).",
+    )
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--trust", action="append", required=True, metavar="PUBKEY",
+                   help="trusted public key (PEM) or keys.json (repeat)")
+    p.add_argument("--current", type=int, metavar="REV",
+                   help="refuse revisions not newer than this one")
+    p.add_argument("--no-objects", action="store_true", help="skip hashing the objects")
+    p.set_defaults(func=cmd_state_verify)
+    p = state.add_parser("show", help="print a revision (does not verify it)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print state.json as is")
+    p.set_defaults(func=cmd_state_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from pvpy.log import configure
+
+    configure(level="debug" if args.verbose else os.environ.get("PVPY_LOG_LEVEL", "warning"))
+    func: Handler = args.func
+    try:
+        return func(args)
+    except PvpyError as e:
+        print(f"pvpy: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("pvpy: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: say so in one line, traceback on request
+        if os.environ.get("PVPY_DEBUG"):
+            raise
+        print(f"pvpy: internal error: {type(e).__name__}: {e} (PVPY_DEBUG=1 for details)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

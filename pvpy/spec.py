@@ -1,0 +1,221 @@
+"""Build a revision from a YAML spec (workstation side).
+
+A spec is a state manifest written for people: the same keys as state.json,
+but objects are given as sources (paths relative to the spec file) and
+durations and sizes may carry units. ``build`` packs the objects into
+``OUT/objects/``, writes ``OUT/state.json`` in canonical form, and drops any
+stale signature. See ``examples/demo/spec.yaml``.
+
+::
+
+    revision: 1
+    bsp:
+      kernel: boot/Image                 # any file -> object
+      modules: boot/modules/             # dir/tarball -> squashfs image
+    containers:
+      os:
+        role: host-os
+        rootfs: rootfs/os                # dir, tarball, OCI layout, squashfs
+        args: [/sbin/init]
+      web:
+        rootfs: {oci: images/web, tag: "1.2", compression: zstd}
+        restart: {policy: always, backoff_initial_ms: 500ms}
+        cgroup: {memory_max: 64M}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pvpy.errors import ManifestError, SpecError
+from pvpy.pack import pack_rootfs
+from pvpy.state import SPEC, State, canonical, json_path, validate
+from pvpy.store import SIGNATURE_FILE, STATE_FILE, ObjectStore, write_atomic
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, None: 1}
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+SIZE_KEYS = ("memory_max",)
+BSP_FILES = ("kernel", "initrd", "dtb")
+BSP_IMAGES = ("modules", "firmware")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    state: State
+    out: Path
+    objects_added: int
+
+
+def load_spec(path: Path) -> dict[str, Any]:
+    """Read a YAML spec. Raises SpecError with the line of a YAML error."""
+    import yaml
+
+    try:
+        text = Path(path).read_text("utf-8")
+    except OSError as e:
+        raise SpecError(f"{path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8") from e
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{path}:{where}: invalid YAML: {problem}") from e
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path}: a spec is a YAML mapping")
+    return doc
+
+
+def _convert_units(value: Any, key: str, path: list[Any]) -> Any:
+    """Turn "30s" into 30000 for *_ms keys and "64M" into bytes for sizes."""
+    if isinstance(value, dict):
+        return {k: _convert_units(v, k, [*path, k]) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_convert_units(v, key, [*path, i]) for i, v in enumerate(value)]
+    if isinstance(value, str) and key.endswith("_ms"):
+        m = _DURATION.match(value)
+        if not m:
+            raise SpecError(f"not a duration (e.g. 500ms, 30s, 2m): {value!r}", json_path(path))
+        return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if isinstance(value, str) and key in SIZE_KEYS:
+        m = _SIZE.match(value)
+        if not m:
+            raise SpecError(f"not a size (e.g. 64M, 1G): {value!r}", json_path(path))
+        unit = (m.group(2) or "").upper().rstrip("B").rstrip("I") or ""
+        return int(m.group(1)) * _SIZE_UNITS[unit or ""]
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(value, float):
+        raise SpecError("use an integer (no fractions)", json_path(path))
+    return value
+
+
+def _source(spec_dir: Path, value: Any, where: str) -> tuple[Path, dict[str, Any]]:
+    """A source given as a path string or {dir|tar|oci|file: path, ...options}."""
+    if isinstance(value, str):
+        return spec_dir / value, {}
+    if isinstance(value, dict):
+        kinds = [k for k in ("dir", "tar", "oci", "file", "squashfs") if k in value]
+        if len(kinds) == 1 and isinstance(value[kinds[0]], str):
+            options = {k: v for k, v in value.items() if k != kinds[0]}
+            unknown = set(options) - {"tag", "compression", "all_root"}
+            if unknown:
+                raise SpecError(f"unknown source option(s) {sorted(unknown)}", where)
+            return spec_dir / value[kinds[0]], options
+    raise SpecError("a source is a path or {dir|tar|oci|file: PATH, ...}", where)
+
+
+def build(spec_path: Path, out: Path, revision: int | None = None) -> BuildResult:
+    """Build the revision a spec describes into ``out``. Raises SpecError/ManifestError."""
+    spec_path = Path(spec_path)
+    spec_dir = spec_path.parent
+    doc = _convert_units(load_spec(spec_path), "", [])
+    if not isinstance(doc.get("containers", {}), dict):
+        raise SpecError("containers must be a mapping of name to container", "$.containers")
+    store = ObjectStore(Path(out) / "objects").ensure()
+    before = set(store.names())
+
+    doc["#spec"] = SPEC
+    if revision is not None:
+        doc["revision"] = revision
+    if "created" not in doc:
+        epoch = os.environ.get("SOURCE_DATE_EPOCH")
+        when = (
+            dt.datetime.fromtimestamp(int(epoch), dt.UTC) if epoch else dt.datetime.now(dt.UTC)
+        )
+        doc["created"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    _prevalidate(doc)
+    bsp = doc.get("bsp")
+    if isinstance(bsp, dict):
+        for key in BSP_FILES:
+            if key in bsp:
+                path, _ = _source(spec_dir, bsp[key], f"$.bsp.{key}")
+                if not path.is_file():
+                    raise SpecError(f"{path}: no such file", f"$.bsp.{key}")
+                sha = store.put_file(path)
+                bsp[key] = {"sha256": sha, "size": store.size(sha)}
+        for key in BSP_IMAGES:
+            if key in bsp:
+                bsp[key] = _pack(spec_dir, bsp[key], store, f"$.bsp.{key}")[0]
+
+    for name, c in (doc.get("containers") or {}).items():
+        where = json_path(["containers", name])
+        if not isinstance(c, dict) or "rootfs" not in c:
+            continue  # validate() below names what is missing
+        c["rootfs"], config = _pack(spec_dir, c["rootfs"], store, f"{where}.rootfs")
+        # An OCI image's own run config fills what the spec leaves out.
+        if "args" not in c and config.args:
+            c["args"] = config.args
+        if config.env:
+            c["env"] = {**config.env, **(c.get("env") or {})}
+        if "cwd" not in c and config.cwd:
+            c["cwd"] = config.cwd
+        if "user" not in c and config.user:
+            c["user"] = {"uid": config.user[0], "gid": config.user[1]}
+
+    validate(doc)
+    state = State.from_dict(doc)
+    data = canonical.encode(state.to_dict())
+    out = Path(out)
+    # A new state invalidates any old signature: remove it before writing.
+    (out / SIGNATURE_FILE).unlink(missing_ok=True)
+    write_atomic(out / STATE_FILE, data)
+    # Objects of earlier builds into the same dir are not part of this one.
+    store.gc(state.objects())
+    added = len(set(state.objects()) - before)
+    return BuildResult(state=state, out=out, objects_added=added)
+
+
+_PLACEHOLDER = {"sha256": "0" * 64, "size": 0}
+
+
+def _prevalidate(doc: dict[str, Any]) -> None:
+    """Validate with placeholder objects, so a typo fails before minutes of packing."""
+    import copy
+
+    probe = copy.deepcopy(doc)
+    bsp = probe.get("bsp")
+    if isinstance(bsp, dict):
+        for key in BSP_FILES:
+            if key in bsp:
+                bsp[key] = dict(_PLACEHOLDER)
+        for key in BSP_IMAGES:
+            if key in bsp:
+                bsp[key] = {**_PLACEHOLDER, "format": "squashfs"}
+    for c in (probe.get("containers") or {}).values():
+        if isinstance(c, dict) and "rootfs" in c:
+            c["rootfs"] = {**_PLACEHOLDER, "format": "squashfs"}
+            c.setdefault("args", ["/placeholder"])  # an OCI image may supply them
+    validate(probe)
+
+
+def _pack(
+    spec_dir: Path, value: Any, store: ObjectStore, where: str
+) -> tuple[dict[str, Any], Any]:
+    path, options = _source(spec_dir, value, where)
+    try:
+        packed = pack_rootfs(
+            path,
+            store,
+            tag=options.get("tag"),
+            compression=options.get("compression", "gzip"),
+            all_root=bool(options.get("all_root", False)),
+        )
+    except ManifestError as e:
+        if e.path == "$":
+            raise SpecError(e.reason, where) from e
+        raise
+    ref = {"sha256": packed.sha256, "size": packed.size, "format": "squashfs"}
+    return ref, packed.config

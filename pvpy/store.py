@@ -1,0 +1,403 @@
+"""Content-addressed object store and revision trails, crash-safe.
+
+Layout of a storage root (the device's /storage, or a workstation revision dir)::
+
+    objects/<sha256>          immutable blobs, named by the sha256 of their bytes
+    objects/.tmp/             writes in flight; never read, emptied by clean_temp()
+    trails/<rev>/state.json   a revision's signed state (+ state.sig.json)
+
+Every write goes to a temp file in the same filesystem, is fsynced, renamed
+into place and its directory fsynced: after a power cut a name either points
+to complete bytes or does not exist. An object is trusted only after its hash
+was checked (``verify``/``read_verified``); a name that is not 64 lowercase hex
+digits is refused before it reaches the filesystem, so no path traversal.
+
+Raises StoreError subclasses; OSError is translated here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pvpy.errors import (
+    ObjectCorruptError,
+    ObjectMissingError,
+    ObjectNameError,
+    StoreError,
+)
+
+CHUNK = 1 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+Progress = Callable[[int], None]
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a sha256 hex digest, else raise ObjectNameError."""
+    if not isinstance(name, str) or not _SHA256.match(name):
+        shown = repr(name)[:80]
+        raise ObjectNameError(f"not an object name (64 lowercase hex digits): {shown}")
+    return name
+
+
+def _os_error(what: str, e: OSError) -> StoreError:
+    if e.errno == errno.ENOSPC:
+        return StoreError(f"{what}: no space left on device")
+    return StoreError(f"{what}: {e.strerror or e}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that a power cut leaves old or new, never half.
+
+    Raises StoreError.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _os_error(f"write {path}", e) from e
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return digest.hexdigest()
+
+
+class ObjectStore:
+    """sha256-addressed blobs in one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / ".tmp"
+
+    def ensure(self) -> ObjectStore:
+        try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _os_error(f"create {self.root}", e) from e
+        return self
+
+    def path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def has(self, name: str) -> bool:
+        """True when an object of that name is stored (its bytes not re-hashed)."""
+        return self.path(name).is_file()
+
+    def size(self, name: str) -> int:
+        try:
+            return self.path(name).stat().st_size
+        except FileNotFoundError as e:
+            raise ObjectMissingError(f"object {name} is missing") from e
+
+    def names(self) -> Iterator[str]:
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if _SHA256.match(entry.name) and entry.is_file(follow_symlinks=False):
+                yield entry.name
+
+    def put_stream(
+        self,
+        stream: BinaryIO,
+        expected: str | None = None,
+        max_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> str:
+        """Store the bytes of ``stream``; return their sha256.
+
+        With ``expected``, bytes that hash to anything else are dropped and
+        ObjectCorruptError raised; with ``max_size``, more bytes than that
+        abort the write. Nothing is visible under an object name until all its
+        bytes are on disk.
+        """
+        if expected is not None:
+            check_name(expected)
+        self.ensure()
+        tmp = self.tmp / uuid.uuid4().hex
+        digest = hashlib.sha256()
+        written = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            try:
+                while chunk := stream.read(CHUNK):
+                    written += len(chunk)
+                    if max_size is not None and written > max_size:
+                        raise ObjectCorruptError(f"object larger than the expected {max_size} bytes")
+                    digest.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    if progress:
+                        progress(len(chunk))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            name = digest.hexdigest()
+            if expected is not None and name != expected:
+                raise ObjectCorruptError(f"object bytes hash to {name}, not {expected}")
+            final = self.root / name
+            if final.is_file():
+                tmp.unlink()  # same content already stored
+            else:
+                os.replace(tmp, final)
+                fsync_dir(self.root)
+            return name
+        except OSError as e:
+            raise _os_error("store object", e) from e
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def put_file(self, path: Path, expected: str | None = None) -> str:
+        try:
+            with open(path, "rb") as f:
+                return self.put_stream(f, expected=expected)
+        except FileNotFoundError as e:
+            raise StoreError(f"{path}: no such file") from e
+
+    def put_bytes(self, data: bytes, expected: str | None = None) -> str:
+        import io
+
+        return self.put_stream(io.BytesIO(data), expected=expected)
+
+    def verify(self, name: str, size: int | None = None) -> None:
+        """Re-hash a stored object. Raises ObjectMissingError / ObjectCorruptError."""
+        path = self.path(name)
+        try:
+            if size is not None and path.stat().st_size != size:
+                raise ObjectCorruptError(
+                    f"object {name} has {path.stat().st_size} bytes, expected {size}"
+                )
+            actual = sha256_file(path)
+        except FileNotFoundError as e:
+            raise ObjectMissingError(f"object {name} is missing") from e
+        except OSError as e:
+            raise _os_error(f"read object {name}", e) from e
+        if actual != name:
+            raise ObjectCorruptError(f"object {name} is corrupt (its bytes hash to {actual})")
+
+    def read_verified(self, name: str) -> bytes:
+        """Whole object bytes, after checking their hash (small objects only)."""
+        try:
+            data = self.path(name).read_bytes()
+        except FileNotFoundError as e:
+            raise ObjectMissingError(f"object {name} is missing") from e
+        except OSError as e:
+            raise _os_error(f"read object {name}", e) from e
+        if hashlib.sha256(data).hexdigest() != name:
+            raise ObjectCorruptError(f"object {name} is corrupt")
+        return data
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(name).unlink()
+
+    def clean_temp(self) -> int:
+        """Drop writes a crash left behind. Returns how many."""
+        count = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.tmp):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    count += 1
+        return count
+
+    def gc(self, keep: Iterable[str]) -> list[str]:
+        """Remove every object not in ``keep``; return the removed names."""
+        keep_set = set(keep)
+        removed = [n for n in self.names() if n not in keep_set]
+        for name in removed:
+            self.remove(name)
+        if removed:
+            fsync_dir(self.root)
+        return removed
+
+
+def referenced_objects(doc: Any) -> set[str]:
+    """Every sha256 a state document names, found by walking it.
+
+    Walks the raw JSON rather than the model so that GC stays conservative
+    even for a state this version of pvpy cannot fully parse.
+    """
+    found: set[str] = set()
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            value = item.get("sha256")
+            if isinstance(value, str) and _SHA256.match(value):
+                found.add(value)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+STATE_FILE = "state.json"
+SIGNATURE_FILE = "state.sig.json"
+
+
+@dataclass(frozen=True)
+class GcResult:
+    removed_objects: list[str]
+    removed_revisions: list[int]
+    freed_bytes: int
+
+
+class Storage:
+    """A device's storage: objects plus one trail per installed revision."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.objects = ObjectStore(self.root / "objects")
+        self.trails = self.root / "trails"
+
+    def ensure(self) -> Storage:
+        self.objects.ensure()
+        try:
+            self.trails.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _os_error(f"create {self.trails}", e) from e
+        return self
+
+    def trail(self, revision: int) -> Path:
+        if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
+            raise StoreError(f"not a revision number: {revision!r}")
+        return self.trails / str(revision)
+
+    def revisions(self) -> list[int]:
+        try:
+            names = os.listdir(self.trails)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            int(n) for n in names if n.isdigit() and (self.trails / n / STATE_FILE).is_file()
+        )
+
+    def has_revision(self, revision: int) -> bool:
+        return (self.trail(revision) / STATE_FILE).is_file()
+
+    def install_revision(self, revision: int, state: bytes, signature: bytes) -> Path:
+        """Write a revision's trail atomically: all its files appear at once.
+
+        Built in a temp dir, fsynced, renamed to trails/<rev>. Refuses to
+        replace an existing trail (revisions are immutable).
+        """
+        self.ensure()
+        final = self.trail(revision)
+        if final.exists():
+            raise StoreError(f"revision {revision} is already installed")
+        tmp = self.trails / f".tmp-{revision}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            write_atomic(tmp / STATE_FILE, state)
+            write_atomic(tmp / SIGNATURE_FILE, signature)
+            os.rename(tmp, final)
+            fsync_dir(self.trails)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _os_error(f"install revision {revision}", e) from e
+        except StoreError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def read_trail(self, revision: int) -> tuple[bytes, bytes]:
+        """The unverified state and signature bytes of an installed revision."""
+        trail = self.trail(revision)
+        try:
+            return (trail / STATE_FILE).read_bytes(), (trail / SIGNATURE_FILE).read_bytes()
+        except FileNotFoundError as e:
+            raise StoreError(f"revision {revision} is not installed") from e
+        except OSError as e:
+            raise _os_error(f"read revision {revision}", e) from e
+
+    def remove_revision(self, revision: int) -> None:
+        """Remove a trail: renamed away first, so a crash never leaves half a trail."""
+        trail = self.trail(revision)
+        if not trail.exists():
+            return
+        trash = self.trails / f".trash-{revision}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(trail, trash)
+            fsync_dir(self.trails)
+        except OSError as e:
+            raise _os_error(f"remove revision {revision}", e) from e
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def clean_temp(self) -> None:
+        self.objects.clean_temp()
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.trails):
+                if entry.name.startswith((".tmp-", ".trash-")):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+    def referenced_by(self, revision: int) -> set[str]:
+        from pvpy.errors import ManifestError
+        from pvpy.state import canonical
+
+        state, _ = self.read_trail(revision)
+        try:
+            return referenced_objects(canonical.decode(state))
+        except ManifestError as e:
+            # Never guess what an unreadable pinned revision needs: refuse to GC.
+            raise StoreError(f"revision {revision} is unreadable, not collecting: {e}") from e
+
+    def gc(self, pinned: Iterable[int]) -> GcResult:
+        """Drop every revision not pinned, then every object no pinned revision names.
+
+        Raises StoreError (and removes nothing) when a pinned revision is
+        missing or unreadable.
+        """
+        pins = sorted(set(pinned))
+        keep: set[str] = set()
+        for rev in pins:
+            keep |= self.referenced_by(rev)
+        dropped = [r for r in self.revisions() if r not in pins]
+        for rev in dropped:
+            self.remove_revision(rev)
+        freed = 0
+        for name in self.objects.names():
+            if name not in keep:
+                with contextlib.suppress(OSError):
+                    freed += self.objects.path(name).stat().st_size
+        removed = self.objects.gc(keep)
+        self.clean_temp()
+        return GcResult(removed_objects=removed, removed_revisions=dropped, freed_bytes=freed)

@@ -143,7 +143,7 @@ def cmd_state_show(args: argparse.Namespace) -> int:
     from pvpy.state import parse_unverified
     from pvpy.trust import read_revision_dir
 
-    state_bytes = (Path(args.dir) / "state.json")
+    state_bytes = Path(args.dir) / "state.json"
     if args.json:
         sys.stdout.write(state_bytes.read_text() + "\n")
         return 0
@@ -264,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PvpyError as e:
         print(f"pvpy: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `pvpy ... | head`: the reader left, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("pvpy: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pvpy import _run
 from pvpy.errors import SpecError
@@ -79,7 +79,7 @@ def _inside(root: Path, path: Path) -> bool:
     return os.path.commonpath([root_real, os.path.realpath(path)]) == root_real
 
 
-def extract_tar(archive: Path | Any, dest: Path, *, oci_whiteouts: bool = False) -> None:
+def extract_tar(archive: Path | BinaryIO, dest: Path, *, oci_whiteouts: bool = False) -> None:
     """Extract a tarball into ``dest`` without letting any entry escape it.
 
     With ``oci_whiteouts``, ``.wh.NAME`` deletes NAME from the lower layers
@@ -88,9 +88,13 @@ def extract_tar(archive: Path | Any, dest: Path, *, oci_whiteouts: bool = False)
     Raises SpecError.
     """
     try:
-        tf = tarfile.open(fileobj=archive) if hasattr(archive, "read") else tarfile.open(archive)
+        if isinstance(archive, Path):
+            tf = tarfile.open(archive)  # noqa: SIM115 - closed by the with below
+        else:
+            tf = tarfile.open(fileobj=archive)  # noqa: SIM115
     except (tarfile.TarError, OSError) as e:
-        raise SpecError(f"{getattr(archive, 'name', archive)}: not a readable tarball: {e}") from e
+        name = archive if isinstance(archive, Path) else "layer"
+        raise SpecError(f"{name}: not a readable tarball: {e}") from e
     with tf:
         try:
             members = tf.getmembers()

@@ -311,7 +311,9 @@ def parse_keyset_unverified(data: bytes) -> UnverifiedKeySet:
         or not isinstance(ks.get("threshold"), int)
         or not isinstance(ks.get("keys"), dict)
     ):
-        raise SignatureError(f"keys.json: keyset must be a {KEYSET_SPEC} with version, threshold, keys")
+        raise SignatureError(
+            f"keys.json: keyset must be a {KEYSET_SPEC} with version, threshold, keys"
+        )
     keys: dict[str, bytes] = {}
     for keyid, b64 in ks["keys"].items():
         try:

@@ -159,7 +159,9 @@ class ObjectStore:
                 while chunk := stream.read(CHUNK):
                     written += len(chunk)
                     if max_size is not None and written > max_size:
-                        raise ObjectCorruptError(f"object larger than the expected {max_size} bytes")
+                        raise ObjectCorruptError(
+                            f"object larger than the expected {max_size} bytes"
+                        )
                     digest.update(chunk)
                     view = memoryview(chunk)
                     while view:

@@ -148,7 +148,7 @@ def _check_cycles(containers: dict[str, Any]) -> None:
         if name in done:
             return
         if name in visiting:
-            cycle = visiting[visiting.index(name) :] + [name]
+            cycle = [*visiting[visiting.index(name) :], name]
             raise ManifestError(
                 "dependency cycle: " + " -> ".join(cycle),
                 json_path(["containers", name, "depends_on"]),

@@ -67,3 +67,49 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, proc.stderr.decode(errors="replace"))
     return proc
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    env: Mapping[str, str] | None = None,
+    new_session: bool = True,
+) -> int:
+    """Start ``argv`` without waiting; return its pid. The caller reaps it.
+
+    The child gets a clean signal mask and default handlers for every signal
+    (PID 1 must not pass its own signal setup on), stdin from /dev/null, and
+    its own session so a signal to our process group does not reach it.
+    Raises CommandError when the program cannot be started.
+    """
+    import signal
+
+    args = [str(a) for a in argv]
+    from pvpy.log import get_logger
+
+    get_logger("run").debug("spawn", argv=args)
+    actions: list[tuple[int, ...]] = []
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        actions.append((os.POSIX_SPAWN_DUP2, devnull, 0))
+        if stdout is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, stdout, 1))
+        if stderr is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, stderr, 2))
+        catchable = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+        try:
+            return os.posix_spawnp(
+                args[0],
+                args,
+                child_env(env),
+                file_actions=actions,
+                setsigmask=(),
+                setsigdef=catchable,
+                setsid=new_session,
+            )
+        except OSError as e:
+            raise CommandError(args, 127, f"{args[0]}: {e.strerror}") from e
+    finally:
+        os.close(devnull)

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pvpy.errors import PvpyError, UsageError
 
@@ -184,6 +185,102 @@ def cmd_state_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- device ------------------------------------------------------------------
+
+
+def cmd_device_provision(args: argparse.Namespace) -> int:
+    from pvpy.sandbox import provision
+
+    rev = provision(Path(args.storage), Path(args.state), [Path(p) for p in args.trust])
+    print(f"provisioned revision {rev} into {args.storage}")
+    print(f"next: pvpy device run --storage {args.storage}")
+    return 0
+
+
+def cmd_device_run(args: argparse.Namespace) -> int:
+    from pvpy.sandbox import run
+
+    init_args = ["--runtime", args.runtime]
+    if args.watchdog:
+        init_args += ["--watchdog", args.watchdog]
+    return run(Path(args.storage), init_args, max_boots=args.max_boots)
+
+
+def cmd_device_verify_installed(args: argparse.Namespace) -> int:
+    """Used by PID 1 at boot, in a child process: the crypto never lives in PID 1."""
+    from pvpy.sandbox import load_trust
+    from pvpy.signing import TrustStore
+    from pvpy.store import Storage
+    from pvpy.trust import verify_revision
+
+    storage = Storage(Path(args.storage))
+    trust = load_trust(storage.root)
+    assert isinstance(trust, TrustStore)
+    state, signature = storage.read_trail(args.revision)
+    verify_revision(state, signature, trust, objects=storage.objects, check_expiry=False)
+    return 0
+
+
+def control_request(
+    storage: Path, request: dict[str, object], timeout: float = 10
+) -> dict[str, Any]:
+    """One request to a running sandbox's PID 1 over its control socket."""
+    import json
+    import socket
+
+    from pvpy.errors import DeviceError
+    from pvpy.sandbox import run_dir_for
+
+    path = run_dir_for(storage) / "control.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError as e:
+        raise DeviceError(f"no running device for {storage} ({e.strerror or e})") from e
+    reply: dict[str, Any] = json.loads(data)
+    if not reply.get("ok"):
+        raise DeviceError(str(reply.get("error")))
+    return reply
+
+
+def cmd_device_status(args: argparse.Namespace) -> int:
+    import json
+
+    status = control_request(Path(args.storage), {"cmd": "status"})
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"revision   {status['revision']}{' (trying)' if status['trying'] else ''}")
+    if status.get("boot_error"):
+        print(f"boot error {status['boot_error']}")
+    print(f"goals      {'met' if status.get('all_goals_met') else 'not met'}")
+    print()
+    rows = [
+        [c["name"], c["group"], c["status"], c["goal"], str(c["restarts"]),
+         str(c["pid"] or "-"), c["reason"] or c["last_exit"]]
+        for c in status["containers"]
+    ]  # fmt: skip
+    _print_table(["NAME", "GROUP", "STATUS", "GOAL", "RESTARTS", "PID", "REASON"], rows)
+    return 0
+
+
+def cmd_device_command(args: argparse.Namespace) -> int:
+    request: dict[str, object] = {"cmd": args.verb}
+    if getattr(args, "container", None):
+        request["container"] = args.container
+    control_request(Path(args.storage), request)
+    print(f"{args.verb}: requested")
+    return 0
+
+
 # --- parser ------------------------------------------------------------------
 
 
@@ -249,10 +346,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print state.json as is")
     p.set_defaults(func=cmd_state_show)
+
+    device = nouns.add_parser("device", help="a device: provision, run (sandbox), status")
+    dev = device.add_subparsers(dest="verb", metavar="<verb>", required=True)
+    p = dev.add_parser("provision", help="install the factory revision into empty storage")
+    p.add_argument("--storage", required=True, metavar="DIR")
+    p.add_argument("--state", required=True, metavar="SIGNED_DIR", help="signed revision dir")
+    p.add_argument("--trust", action="append", required=True, metavar="PUBKEY",
+                   help="public key (PEM) or keys.json the device will trust (repeat)")
+    p.set_defaults(func=cmd_device_provision)
+    p = dev.add_parser(
+        "run",
+        help="boot the device in a sandbox (pid+mount+uts+ipc namespaces); Ctrl-C powers off",
+    )
+    p.add_argument("--storage", required=True, metavar="DIR")
+    p.add_argument("--runtime", default="crun", choices=("crun", "runc"))
+    p.add_argument("--watchdog", metavar="PATH", help="watchdog device or test file")
+    p.add_argument("--max-boots", type=int, help="stop after this many boots (tests)")
+    p.set_defaults(func=cmd_device_run)
+    p = dev.add_parser("status", help="status of a running sandbox device")
+    p.add_argument("--storage", required=True, metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_device_status)
+    for verb, text in (("reboot", "reboot the device"), ("poweroff", "power the device off"),
+                       ("halt", "halt the device")):
+        p = dev.add_parser(verb, help=text)
+        p.add_argument("--storage", required=True, metavar="DIR")
+        p.set_defaults(func=cmd_device_command)
+    for verb, text in (("restart", "restart a container"), ("stop", "stop a container")):
+        p = dev.add_parser(verb, help=text)
+        p.add_argument("container")
+        p.add_argument("--storage", required=True, metavar="DIR")
+        p.set_defaults(func=cmd_device_command)
+    p = dev.add_parser(
+        "verify-installed", help="(internal) verify an installed revision; PID 1 runs it at boot"
+    )
+    p.add_argument("--storage", required=True)
+    p.add_argument("--revision", type=int, required=True)
+    p.set_defaults(func=cmd_device_verify_installed)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["init"]:
+        # PID 1: skip the CLI's imports and structlog entirely.
+        from pvpy.init import main as init_main
+
+        init_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from pvpy.log import configure

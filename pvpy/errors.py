@@ -20,7 +20,10 @@ the device API will map them to HTTP statuses.
      │    ├── ObjectMissingError
      │    └── ObjectCorruptError             bytes do not hash to the name
      ├── KeyFileError               exit 6   key file unreadable / wrong kind
-     └── CommandError               exit 7   an outside program failed
+     ├── CommandError               exit 7   an outside program failed
+     ├── BootEnvError               exit 8   boot environment unreadable/unwritable
+     ├── ContainerError             exit 9   a container cannot be set up or run
+     └── DeviceError                exit 10  the device (or sandbox) cannot do that
 """
 
 from __future__ import annotations
@@ -111,3 +114,21 @@ class CommandError(PvpyError):
         if tail:
             msg += f": {tail}"
         super().__init__(msg)
+
+
+class BootEnvError(PvpyError):
+    """The boot environment cannot be read or written (message names the backend)."""
+
+    exit_code = 8
+
+
+class ContainerError(PvpyError):
+    """A container's bundle, mounts or runtime failed (message names the container)."""
+
+    exit_code = 9
+
+
+class DeviceError(PvpyError):
+    """A device-level request cannot be done (not provisioned, not root, ...)."""
+
+    exit_code = 10

@@ -1,31 +1,47 @@
-"""Logging: structlog, JSON lines on the device, readable lines on a terminal.
+"""Logging: JSON lines on the device, readable lines on a terminal.
 
-``configure()`` is called once by each entry point; ``get_logger()`` works
-before that too (structlog's defaults). Log state changes at info, argv and
-payloads at debug, keys never.
+Two back ends with one interface (``log.info("event", key=value)``, ``bind``):
+
+- ``configure(lean=False)`` — structlog, for the workstation CLI and the
+  device's helper processes;
+- ``configure(lean=True)`` — a few lines of our own that write the same JSON
+  lines as structlog's JSONRenderer. PID 1 uses it: importing structlog costs
+  about 10 MB of PSS (it pulls asyncio), more than the whole rest of PID 1
+  (ARCHITECTURE.md, "Measured on this kind of machine").
+
+Log state changes at info, argv and payloads at debug, keys never.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from typing import Any
+import time
+from typing import IO, Any
 
-_configured = False
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+_state: dict[str, Any] = {"lean": None, "level": 20, "json": True, "stream": None}
 
 
-def configure(*, json: bool | None = None, level: str | None = None) -> None:
-    """Set up structlog. ``json`` defaults to "stderr is not a terminal"."""
-    global _configured
+def configure(
+    *,
+    json: bool | None = None,
+    level: str | None = None,
+    lean: bool = False,
+    stream: IO[str] | None = None,
+) -> None:
+    """Choose the back end. ``json`` defaults to "the stream is not a terminal"."""
+    level_name = (level or os.environ.get("PVPY_LOG_LEVEL") or "info").lower()
+    numeric = LEVELS.get(level_name, 20)
+    out = stream or sys.stderr
+    if json is None:
+        json = not out.isatty()
+    _state.update(lean=lean, level=numeric, json=json, stream=out)
+    if lean:
+        return
     import structlog
 
-    level_name = (level or os.environ.get("PVPY_LOG_LEVEL", "info")).upper()
-    numeric = logging.getLevelName(level_name)
-    if not isinstance(numeric, int):
-        numeric = logging.INFO
-    if json is None:
-        json = not sys.stderr.isatty()
     renderer: Any
     if json:
         renderer = structlog.processors.JSONRenderer()
@@ -33,21 +49,72 @@ def configure(*, json: bool | None = None, level: str | None = None) -> None:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=out),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
-    _configured = True
+
+
+class LeanLogger:
+    """structlog-shaped logger that writes one JSON object per line."""
+
+    def __init__(self, context: dict[str, Any]) -> None:
+        self._context = context
+
+    def bind(self, **kw: Any) -> LeanLogger:
+        return LeanLogger({**self._context, **kw})
+
+    def _log(self, level: str, event: str, kw: dict[str, Any]) -> None:
+        if LEVELS[level] < _state["level"]:
+            return
+        stream = _state["stream"] or sys.stderr
+        record = {**self._context, **kw, "event": event, "level": level}
+        now = time.time()
+        record["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + (
+            f".{int(now % 1 * 1e6):06d}Z"
+        )
+        try:
+            if _state["json"]:
+                import json
+
+                line = json.dumps(record, default=str)
+            else:
+                extra = " ".join(f"{k}={v}" for k, v in kw.items())
+                line = f"{record['timestamp'][11:23]} [{level:<7}] {event:<24} {extra}"
+            stream.write(line + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed console must never take PID 1 down
+
+    def debug(self, event: str, **kw: Any) -> None:
+        self._log("debug", event, kw)
+
+    def info(self, event: str, **kw: Any) -> None:
+        self._log("info", event, kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self._log("warning", event, kw)
+
+    def error(self, event: str, **kw: Any) -> None:
+        self._log("error", event, kw)
+
+    def exception(self, event: str, **kw: Any) -> None:
+        import traceback
+
+        kw["exception"] = traceback.format_exc()
+        self._log("error", event, kw)
 
 
 def get_logger(name: str) -> Any:
+    """A logger bound to ``name``; configures the lean back end if nobody did."""
+    if _state["lean"] is None:
+        configure(lean=True)
+    if _state["lean"]:
+        return LeanLogger({"logger": name})
     import structlog
 
-    if not _configured:
-        configure()
     return structlog.get_logger(name).bind(logger=name)

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,17 @@ from pvpy.errors import (
 )
 
 CHUNK = 1 << 20
+
+
+def _token(nbytes: int = 4) -> str:
+    return os.urandom(nbytes).hex()
+
+
+def _sha256() -> Any:  # hashlib's type, imported lazily
+    # Imported on use: hashlib maps OpenSSL (~3 MB), which PID 1 never needs.
+    import hashlib
+
+    return hashlib.sha256()
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 Progress = Callable[[int], None]
@@ -69,7 +78,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
     Raises StoreError.
     """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{_token()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
@@ -88,13 +97,19 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    digest = hashlib.sha256()
+    digest = _sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
             if progress:
                 progress(len(chunk))
-    return digest.hexdigest()
+    return str(digest.hexdigest())
+
+
+def _sha256_bytes(data: bytes) -> str:
+    digest = _sha256()
+    digest.update(data)
+    return str(digest.hexdigest())
 
 
 class ObjectStore:
@@ -150,8 +165,8 @@ class ObjectStore:
         if expected is not None:
             check_name(expected)
         self.ensure()
-        tmp = self.tmp / uuid.uuid4().hex
-        digest = hashlib.sha256()
+        tmp = self.tmp / _token(16)
+        digest = _sha256()
         written = 0
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
@@ -171,7 +186,7 @@ class ObjectStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            name = digest.hexdigest()
+            name: str = digest.hexdigest()
             if expected is not None and name != expected:
                 raise ObjectCorruptError(f"object bytes hash to {name}, not {expected}")
             final = self.root / name
@@ -223,7 +238,7 @@ class ObjectStore:
             raise ObjectMissingError(f"object {name} is missing") from e
         except OSError as e:
             raise _os_error(f"read object {name}", e) from e
-        if hashlib.sha256(data).hexdigest() != name:
+        if _sha256_bytes(data) != name:
             raise ObjectCorruptError(f"object {name} is corrupt")
         return data
 
@@ -326,7 +341,7 @@ class Storage:
         final = self.trail(revision)
         if final.exists():
             raise StoreError(f"revision {revision} is already installed")
-        tmp = self.trails / f".tmp-{revision}-{uuid.uuid4().hex[:8]}"
+        tmp = self.trails / f".tmp-{revision}-{_token()}"
         try:
             tmp.mkdir()
             write_atomic(tmp / STATE_FILE, state)
@@ -356,7 +371,7 @@ class Storage:
         trail = self.trail(revision)
         if not trail.exists():
             return
-        trash = self.trails / f".trash-{revision}-{uuid.uuid4().hex[:8]}"
+        trash = self.trails / f".trash-{revision}-{_token()}"
         try:
             os.rename(trail, trash)
             fsync_dir(self.trails)

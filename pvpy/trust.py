@@ -65,8 +65,12 @@ def verify_revision(
     current_revision: int | None = None,
     now: dt.datetime | None = None,
     keyset_bytes: bytes | None = None,
+    check_expiry: bool = True,
 ) -> VerifiedRevision:
     """Check a revision end to end; see the module docstring for the steps.
+
+    ``check_expiry=False`` is for revisions already installed: expiry stops a
+    device from accepting stale metadata, never from running what it has.
 
     ``objects=None`` skips step 6 (for a state whose objects are still to be
     fetched: they are then checked one by one as they arrive).
@@ -88,7 +92,7 @@ def verify_revision(
         raise RollbackError(
             f"revision {state.revision} is not newer than the current revision {current_revision}"
         )
-    if state.expires is not None:
+    if check_expiry and state.expires is not None:
         when = now or dt.datetime.now(dt.UTC)
         try:
             expires = parse_timestamp(state.expires)

@@ -1,0 +1,69 @@
+"""Boot environments: where the bootloader and pvpy agree which revision boots.
+
+Variables (Pantavisor's names, so boot scripts read alike):
+
+    pv_rev      the last good (committed) revision
+    pv_try      a revision to try once, not yet committed
+    pv_trying   set by the bootloader when it boots pv_try; if it is still
+                equal to pv_try on the next boot, that try failed
+    pv_bootcount  boots of the try revision so far (boot counting)
+
+Every backend writes all changed variables in one atomic batch: chained
+single writes can brick a device on power loss (SWUpdate's warning about
+chained fw_setenv). Backends: ``file`` (sandbox) here; U-Boot, GRUB and
+Raspberry Pi tryboot follow the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from pvpy.errors import BootEnvError
+
+__all__ = ["BootChoice", "BootEnv", "BootEnvError", "choose_boot"]
+
+class BootEnv(Protocol):
+    name: str
+
+    def read(self) -> dict[str, str]:
+        """All variables. Raises BootEnvError."""
+        ...
+
+    def write(self, changes: Mapping[str, str | None]) -> None:
+        """Set (str) or unset (None) variables in one atomic batch. Raises BootEnvError."""
+        ...
+
+
+@dataclass(frozen=True)
+class BootChoice:
+    """What the bootloader decided: the revision to boot and whether it is a try."""
+
+    revision: int
+    trying: bool
+    failed_try: int | None = None  # a try that did not commit before this boot
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def choose_boot(env: BootEnv, max_tries: int = 1) -> BootChoice:
+    """Do what the device's boot script does, for boot envs no bootloader reads.
+
+    A try revision is booted at most ``max_tries`` times; when it has not
+    committed by then, boot the last good revision and report the failed try.
+    """
+    values = env.read()
+    rev = _int(values.get("pv_rev"))
+    trying = _int(values.get("pv_try"))
+    if rev is None:
+        raise BootEnvError("boot environment has no pv_rev: provision the device first")
+    if trying is None or trying == rev:
+        return BootChoice(revision=rev, trying=False)
+    count = _int(values.get("pv_bootcount")) or 0
+    if count >= max_tries:
+        return BootChoice(revision=rev, trying=False, failed_try=trying)
+    env.write({"pv_trying": str(trying), "pv_bootcount": str(count + 1)})
+    return BootChoice(revision=trying, trying=True)

@@ -1,0 +1,535 @@
+"""``pvpy init``: the first process. It must never exit and never die.
+
+Duties, in order (see ``Init.run``):
+
+1. early mounts (proc, sys, devtmpfs, /run, /dev/pts, /dev/shm, cgroups — on a
+   board; in the sandbox only a fresh /proc and a cgroup layout crun accepts);
+2. signals: every signal we care about gets a do-nothing handler and is
+   delivered through a wakeup pipe, so the loop handles them in plain code
+   (SIGCHLD reap · SIGTERM, SIGINT (ctrl-alt-del) reboot · SIGUSR1 halt ·
+   SIGUSR2, SIGPWR power off · SIGHUP ignored);
+3. the hardware watchdog, fed from the loop only while the loop is healthy;
+4. boot: verify the chosen revision in a short-lived child (signature,
+   schema, objects: the heavy crypto never lives in PID 1), fall back to
+   older installed revisions when it does not verify, and start its
+   containers; with nothing runnable, stay up (control socket alive);
+5. the loop: wait on the wakeup pipe, container output, ready
+   notifications and the control socket until the next deadline; reap every
+   child with waitpid(-1, WNOHANG); let the supervisor act. An exception in
+   an iteration is logged and the loop goes on;
+6. shutdown: stop containers in reverse order, sync, unmount in reverse,
+   reboot(2) (restart, halt or power off).
+
+Only the standard library and pvpy's lean modules are imported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pvpy import _linux
+from pvpy.log import configure, get_logger
+
+log = get_logger("init")
+
+HANDLED_SIGNALS = (
+    signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGHUP, signal.SIGPWR,
+)  # fmt: skip
+SIGNAL_ACTIONS = {
+    signal.SIGTERM: "reboot",
+    signal.SIGINT: "reboot",  # ctrl-alt-del
+    signal.SIGUSR1: "halt",
+    signal.SIGUSR2: "poweroff",
+    signal.SIGPWR: "poweroff",
+}
+REBOOT_COMMANDS = {
+    "reboot": _linux.RB_AUTOBOOT,
+    "halt": _linux.RB_HALT_SYSTEM,
+    "poweroff": _linux.RB_POWER_OFF,
+}
+WEDGED_AFTER = 5  # consecutive failed loop iterations: stop feeding the watchdog
+SHUTDOWN_GRACE = 10.0  # seconds beyond the longest container stop timeout
+MAX_REQUEST = 64 * 1024
+CLIENT_TIMEOUT = 2.0
+
+
+class Watchdog:
+    """/dev/watchdog (or a test path): fed from the loop while it is healthy."""
+
+    def __init__(self, path: str | None, interval: float) -> None:
+        self.fd: int | None = None
+        self.interval = interval
+        self.last = 0.0
+        if path and os.path.exists(path):
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                log.info("watchdog opened", path=path, interval=interval)
+            except OSError as e:
+                log.warning("watchdog unavailable", path=path, error=str(e))
+
+    def feed(self, now: float) -> None:
+        if self.fd is not None and now - self.last >= self.interval:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, b"1")
+            self.last = now
+
+    def disarm(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, b"V")  # magic close: an orderly stop is no hang
+                os.close(self.fd)
+            self.fd = None
+
+
+def _noop(_signum: int, _frame: object) -> None:
+    """Signals only wake the loop (through the wakeup fd); the loop acts."""
+
+
+class Init:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sandbox: bool = args.sandbox
+        self.storage = Path(args.storage)
+        self.run_dir = Path(args.run_dir)
+        self.mounted: list[str] = []
+        self.selector = selectors.DefaultSelector()
+        self.supervisor: Any = None
+        self.revision: int | None = None
+        self.pending: str | None = None  # reboot / halt / poweroff in progress
+        self.pending_reason = ""
+        self.shutdown_deadline = 0.0
+        self.failures = 0
+        self.fault: str | None = None
+        self.watchdog = Watchdog(args.watchdog, args.watchdog_interval)
+        self.clients: dict[socket.socket, tuple[bytearray, float]] = {}
+        self.notify: dict[int, tuple[socket.socket, str]] = {}
+        self.boot_error: str | None = None
+        self.booted_at = time.monotonic()
+
+    # -- 1. early mounts -------------------------------------------------------
+
+    def _mount(self, source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+        if _linux.mounted(target):
+            return
+        try:
+            os.makedirs(target, exist_ok=True)
+            _linux.mount(source, target, fstype, flags, data)
+            self.mounted.append(target)
+        except OSError as e:
+            log.warning("mount failed", target=target, fstype=fstype, error=str(e))
+
+    def early_mounts(self) -> None:
+        nosuid_nodev_noexec = _linux.MS_NOSUID | _linux.MS_NODEV | _linux.MS_NOEXEC
+        if self.sandbox:
+            # Our own pid namespace needs its own /proc (private mount ns).
+            _linux.mount("proc", "/proc", "proc", nosuid_nodev_noexec)
+            self.mounted.append("/proc")
+        else:
+            self._mount("proc", "/proc", "proc", nosuid_nodev_noexec)
+            self._mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec)
+            self._mount("devtmpfs", "/dev", "devtmpfs", _linux.MS_NOSUID, "mode=0755")
+            self._mount("devpts", "/dev/pts", "devpts", _linux.MS_NOSUID | _linux.MS_NOEXEC,
+                        "gid=5,mode=620,ptmxmode=666")  # fmt: skip
+            self._mount("tmpfs", "/dev/shm", "tmpfs", _linux.MS_NOSUID | _linux.MS_NODEV,
+                        "mode=1777")  # fmt: skip
+            self._mount("tmpfs", "/run", "tmpfs", _linux.MS_NOSUID | _linux.MS_NODEV, "mode=755")
+        self.setup_cgroups()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def setup_cgroups(self) -> None:
+        """Give crun a cgroup layout it accepts: cgroup2 alone, or plain v1.
+
+        crun refuses hybrid layouts (cgroup2 holding a controller beside v1),
+        so a sandbox on a hybrid host drops the v2 mount in its private mount
+        namespace; a board mounts cgroup2 alone when the kernel has it.
+        """
+        if self.sandbox:
+            unified = "/sys/fs/cgroup/unified"
+            if _linux.mounted(unified):
+                try:
+                    _linux.umount(unified, _linux.MNT_DETACH)
+                    log.info("cgroup: hybrid layout, using v1 only", dropped=unified)
+                except OSError as e:
+                    log.warning("cgroup: cannot drop unified hierarchy", error=str(e))
+            return
+        if _linux.mounted("/sys/fs/cgroup"):
+            return
+        try:
+            filesystems = Path("/proc/filesystems").read_text()
+        except OSError:
+            filesystems = ""
+        if "cgroup2" in filesystems:
+            self._mount("cgroup2", "/sys/fs/cgroup", "cgroup2", _linux.MS_NOSUID | _linux.MS_NODEV
+                        | _linux.MS_NOEXEC, "nsdelegate")  # fmt: skip
+            with contextlib.suppress(OSError):
+                controllers = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
+                Path("/sys/fs/cgroup/cgroup.subtree_control").write_text(
+                    " ".join(f"+{c}" for c in controllers)
+                )
+            return
+        self._mount("tmpfs", "/sys/fs/cgroup", "tmpfs", 0, "mode=755")
+        for line in Path("/proc/cgroups").read_text().splitlines()[1:]:
+            name, _, _, enabled = line.split()
+            if enabled == "1":
+                self._mount("cgroup", f"/sys/fs/cgroup/{name}", "cgroup", 0, name)
+
+    # -- 2. signals --------------------------------------------------------------
+
+    def setup_signals(self) -> None:
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, _noop)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self.signal_fd = read_fd
+        self.selector.register(read_fd, selectors.EVENT_READ, self.on_signals)
+        if not self.sandbox:
+            with contextlib.suppress(OSError):
+                _linux.reboot(0)  # LINUX_REBOOT_CMD_CAD_OFF: ctrl-alt-del -> SIGINT to us
+
+    def on_signals(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGCHLD:
+                continue  # reaping happens every iteration anyway
+            sig = signal.Signals(signum)
+            action = SIGNAL_ACTIONS.get(sig)
+            name = sig.name
+            if action is None:
+                log.info("signal ignored", signal=name)
+            else:
+                self.request(action, f"signal {name}")
+
+    # -- 4. boot -----------------------------------------------------------------
+
+    def verify_in_child(self, revision: int) -> str | None:
+        """Verify an installed revision in a separate process. None when good."""
+        from pvpy import _run
+
+        argv = [sys.executable, "-m", "pvpy", "device", "verify-installed",
+                "--storage", str(self.storage), "--revision", str(revision)]  # fmt: skip
+        read_fd, write_fd = os.pipe()
+        try:
+            pid = _run.spawn(argv, stderr=write_fd, new_session=False)
+        except Exception as e:
+            os.close(read_fd)
+            return str(e)
+        finally:
+            os.close(write_fd)
+        chunks = []
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+        if status == 0:
+            return None
+        lines = b"".join(chunks).decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"verifier {os.waitstatus_to_exitcode(status)}"
+
+    def candidates(self) -> list[int]:
+        """The boot revision first, then older installed ones, newest first."""
+        from pvpy.store import Storage
+
+        boot = self.args.boot_revision
+        others = sorted((r for r in Storage(self.storage).revisions() if r != boot), reverse=True)
+        return [boot, *others] if boot is not None else others
+
+    def boot(self) -> None:
+        from pvpy.runtime import Paths, Runtime
+        from pvpy.state import canonical
+        from pvpy.state.model import State
+        from pvpy.store import Storage
+        from pvpy.supervisor import Supervisor
+
+        storage = Storage(self.storage)
+        storage.clean_temp()
+        for revision in self.candidates():
+            problem = self.verify_in_child(revision)
+            if problem is not None:
+                log.error("revision refused", revision=revision, reason=problem)
+                self.boot_error = f"revision {revision}: {problem}"
+                continue
+            state_bytes, _ = storage.read_trail(revision)
+            state = State.from_dict(canonical.decode(state_bytes))
+            paths = Paths(storage=self.storage, run=self.run_dir)
+            cgroup_parent = "pvpy" if not self.sandbox else f"pvpy-{self.run_dir.name}"
+            runtime = Runtime(paths, self.args.runtime, cgroup_parent=cgroup_parent)
+            self.supervisor = Supervisor(state, runtime, on_device_request=self.request)
+            self.revision = revision
+            log.info("booting revision", revision=revision, trying=self.args.trying)
+            self.supervisor.start()
+            return
+        log.error("no revision can run; staying up without containers", reason=self.boot_error)
+
+    # -- control socket --------------------------------------------------------------
+
+    def setup_control(self) -> None:
+        path = self.run_dir / "control.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)  # root only
+        sock.listen(16)
+        sock.setblocking(False)
+        self.control = sock
+        self.selector.register(sock, selectors.EVENT_READ, self.on_accept)
+
+    def on_accept(self, _fd: int) -> None:
+        try:
+            conn, _ = self.control.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        self.clients[conn] = (bytearray(), time.monotonic())
+        self.selector.register(conn, selectors.EVENT_READ, lambda _fd, c=conn: self.on_client(c))
+
+    def _drop_client(self, conn: socket.socket) -> None:
+        self.clients.pop(conn, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn)
+        conn.close()
+
+    def on_client(self, conn: socket.socket) -> None:
+        buf, _ = self.clients[conn]
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_client(conn)
+            return
+        buf.extend(data)
+        if b"\n" not in buf:
+            if len(buf) > MAX_REQUEST:
+                self._drop_client(conn)
+            return
+        line = bytes(buf).split(b"\n", 1)[0]
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("request must be an object")
+            reply = self.handle(request)
+        except Exception as e:  # a bad request must never hurt PID 1
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        with contextlib.suppress(OSError):
+            conn.settimeout(1.0)
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        self._drop_client(conn)
+
+    def status(self) -> dict[str, Any]:
+        sup = self.supervisor.status() if self.supervisor else {"containers": []}
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "revision": self.revision,
+            "trying": bool(self.args.trying),
+            "boot_error": self.boot_error,
+            "pending": self.pending,
+            "uptime": round(time.monotonic() - self.booted_at, 3),
+            **sup,
+        }
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return self.status()
+        if cmd in REBOOT_COMMANDS:
+            self.request(str(cmd), "control socket")
+            return {"ok": True}
+        if cmd in ("restart", "stop") and self.supervisor is not None:
+            name = request.get("container")
+            if name not in self.supervisor.containers:
+                return {"ok": False, "error": f"no container {name!r}"}
+            self.supervisor.stop(name)
+            if cmd == "restart":
+                self.supervisor.containers[name].restart_requested = True
+            return {"ok": True}
+        if cmd == "inject" and os.environ.get("PVPY_TEST_FAULTS") == "1":
+            self.fault = str(request.get("fault"))
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    # -- 5. the loop --------------------------------------------------------------------
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.supervisor is None or not self.supervisor.on_exit(pid, status):
+                log.debug("reaped", pid=pid, status=status)
+
+    def step(self) -> None:
+        if self.fault == "raise":
+            self.fault = None
+            raise RuntimeError("injected fault")
+        if self.fault == "hang":
+            time.sleep(3600)  # a wedged loop: the watchdog must stop being fed
+        now = time.monotonic()
+        deadline = self.supervisor.next_deadline() if self.supervisor else None
+        if self.pending:
+            deadline = min(deadline or now + 1, self.shutdown_deadline)
+        timeout = 1.0 if deadline is None else min(max(deadline - now, 0.0), 1.0)
+        if self.watchdog.fd is not None:
+            timeout = min(timeout, self.watchdog.interval)
+        self.sync_fds()
+        for key, _ in self.selector.select(timeout):
+            key.data(key.fd)
+        self.reap()
+        if self.supervisor is not None:
+            self.supervisor.tick()
+        now = time.monotonic()
+        for conn, (_, since) in list(self.clients.items()):
+            if now - since > CLIENT_TIMEOUT:
+                self._drop_client(conn)
+        if self.pending and (
+            self.supervisor is None
+            or self.supervisor.all_stopped()
+            or now >= self.shutdown_deadline
+        ):
+            self.finish()
+
+    def sync_fds(self) -> None:
+        """Keep the selector watching exactly the supervisor's open output pipes."""
+        if self.supervisor is None:
+            return
+        wanted = self.supervisor.output_fds()
+        registered = {
+            key.fd for key in self.selector.get_map().values() if key.data == self.on_output
+        }
+        for fd in registered - set(wanted):
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(fd)
+        for fd in set(wanted) - registered:
+            self.selector.register(fd, selectors.EVENT_READ, self.on_output)
+
+    def on_output(self, fd: int) -> None:
+        self.supervisor.on_output(fd)
+        if fd not in self.supervisor.output_fds():
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(fd)
+
+    def loop(self) -> NoReturn:
+        while True:
+            try:
+                self.step()
+                self.failures = 0
+            except Exception:
+                self.failures += 1
+                log.exception("loop iteration failed; going on", failures=self.failures)
+                time.sleep(min(0.1 * self.failures, 1.0))  # no busy spin on a stuck error
+            if self.failures < WEDGED_AFTER:
+                self.watchdog.feed(time.monotonic())
+            elif self.failures == WEDGED_AFTER:
+                log.error("supervisor wedged: no longer feeding the watchdog")
+
+    # -- 6. shutdown -----------------------------------------------------------------------
+
+    def request(self, action: str, reason: str) -> None:
+        if self.pending is not None:
+            return
+        log.info("shutdown requested", action=action, reason=reason)
+        self.pending = action
+        self.pending_reason = reason
+        longest = 0.0
+        if self.supervisor is not None:
+            longest = max(
+                (m.spec.stop_timeout_ms / 1000 for m in self.supervisor.containers.values()),
+                default=0.0,
+            )
+            self.supervisor.stop_all()
+        self.shutdown_deadline = time.monotonic() + longest + SHUTDOWN_GRACE
+
+    def finish(self) -> NoReturn:
+        action = self.pending or "reboot"
+        log.info("containers stopped", action=action)
+        os.sync()
+        if self.supervisor is not None:
+            for m in self.supervisor.containers.values():
+                with contextlib.suppress(Exception):
+                    self.supervisor.runtime.cleanup(m.spec)
+        if action != "reboot":
+            self.watchdog.disarm()
+        for target in reversed(self.mounted):
+            with contextlib.suppress(OSError):
+                _linux.umount(target, _linux.MNT_DETACH)
+        os.sync()
+        log.info("goodbye", action=action)
+        self.reboot(action)
+
+    def reboot(self, action: str) -> NoReturn:
+        cmd = REBOOT_COMMANDS[action]
+        if self.sandbox and _same_pid_ns_as_host():
+            # Never reboot the machine we are a guest on.
+            log.error("sandbox is not in its own pid namespace; exiting instead of reboot(2)")
+            os._exit(3)
+        while True:
+            try:
+                _linux.reboot(cmd)
+            except OSError as e:
+                log.error("reboot(2) failed; retrying", error=str(e))
+            time.sleep(1)
+
+    def run(self) -> NoReturn:
+        try:
+            self.early_mounts()
+            self.setup_signals()
+            self.setup_control()
+        except Exception:
+            log.exception("early setup failed; going on")
+        try:
+            self.boot()
+        except Exception:
+            log.exception("boot failed; staying up without containers")
+        self.loop()
+
+
+def _same_pid_ns_as_host() -> bool:
+    host = os.environ.get("PVPY_HOST_PIDNS")
+    try:
+        mine = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return True
+    return host is None or host == mine
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pvpy init", description="Run as PID 1 (or in the sandbox).")
+    p.add_argument("--sandbox", action="store_true", help="run in a sandbox (set by `device run`)")
+    p.add_argument("--storage", default="/storage", help="storage root (default /storage)")
+    p.add_argument("--run-dir", default="/run/pvpy", help="volatile state dir")
+    p.add_argument("--boot-revision", type=int, help="revision the bootloader chose")
+    p.add_argument("--trying", action="store_true", help="the boot revision is on trial")
+    p.add_argument("--failed-try", type=int, help="a try revision that did not commit")
+    p.add_argument("--runtime", default="crun", choices=("crun", "runc"))
+    p.add_argument("--watchdog", default="/dev/watchdog", help="watchdog device")
+    p.add_argument("--watchdog-interval", type=float, default=5.0, help="seconds between feeds")
+    p.add_argument("--log-level", default=None)
+    return p
+
+
+def main(argv: list[str]) -> NoReturn:
+    args = build_parser().parse_args(argv)
+    configure(lean=True, json=True, level=args.log_level)
+    if os.getpid() != 1:
+        log.warning("not PID 1: orphans will not be reaped here", pid=os.getpid())
+    Init(args).run()

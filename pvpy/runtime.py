@@ -1,0 +1,363 @@
+"""Containers as OCI runtime bundles, run by crun (or runc, same bundle).
+
+For each container of a revision:
+
+1. its rootfs image object (squashfs) is loop-mounted read-only, once per
+   image, under ``RUN/images/<sha256>``;
+2. an overlay joins that lower layer with a writable upper whose lifetime
+   follows the container's ``writable`` persistence: ``revision``
+   (``STORAGE/trails/<rev>/disks/<ctr>/``), ``permanent``
+   (``STORAGE/disks/permanent/<ctr>/``) or ``boot`` (``RUN/volumes``, tmpfs);
+3. volumes become bind mounts with the same three lifetimes;
+4. ``RUN/containers/<name>/config.json`` follows the OCI runtime-spec;
+5. ``crun --root RUN/crun run --bundle ... <name>`` runs it in the foreground,
+   so the crun process is the supervisor's child and its exit status is the
+   container's.
+
+The host OS container is privileged in the init user namespace: every
+capability this kernel lets us hold, host /dev, /sys read-write, no masked
+paths. App containers get their own namespaces, the capabilities and cgroup
+limits of their manifest, masked /proc paths and no new privileges.
+
+Outside failures (mount, crun) are translated to ContainerError here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pvpy import _linux, _run
+from pvpy.errors import CommandError, ContainerError
+from pvpy.log import get_logger
+from pvpy.state.model import Container, Volume
+
+log = get_logger("runtime")
+
+RUNTIMES = ("crun", "runc")
+CONTROL_DIR_IN_CONTAINER = "/run/pvpy"
+DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# capability(7) numbers, for reading CapBnd.
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)  # fmt: skip
+
+MASKED_PATHS = [
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+    "/sys/firmware",
+]  # fmt: skip
+READONLY_PATHS = [
+    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+]  # fmt: skip
+
+
+def bounding_capabilities() -> list[str]:
+    """The capabilities this process may pass on (CapBnd of /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapBnd:"):
+                    mask = int(line.split()[1], 16)
+                    return [c for i, c in enumerate(CAPABILITIES) if mask >> i & 1]
+    except OSError:
+        pass
+    return list(CAPABILITIES)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where a device keeps things: persistent storage and the volatile run dir."""
+
+    storage: Path
+    run: Path
+
+    @property
+    def crun_root(self) -> Path:
+        return self.run / "crun"
+
+    def image_mount(self, sha256: str) -> Path:
+        return self.run / "images" / sha256
+
+    def bundle(self, name: str) -> Path:
+        return self.run / "containers" / name
+
+    def control_dir(self, name: str) -> Path:
+        return self.run / "control" / name
+
+    def persistent_dir(self, persistence: str, revision: int, name: str) -> Path:
+        """Root of a container's writable data of one lifetime."""
+        if persistence == "permanent":
+            return self.storage / "disks" / "permanent" / name
+        if persistence == "revision":
+            return self.storage / "trails" / str(revision) / "disks" / name
+        return self.run / "disks" / name  # boot: emptied by every boot
+
+    def log_file(self, name: str) -> Path:
+        return self.storage / "logs" / f"{name}.log"
+
+
+def _cpu_shares(weight: int) -> int:
+    # cgroup v2 cpu.weight (1..10000) to v1 cpu.shares (2..262144), as runc maps it.
+    return 2 + ((weight - 1) * 262142) // 9999
+
+
+def oci_config(
+    c: Container,
+    *,
+    rootfs: Path,
+    volumes: dict[str, Path],
+    control_dir: Path,
+    cgroups_path: str,
+) -> dict[str, Any]:
+    """The OCI runtime-spec config.json of container ``c``."""
+    host = c.is_host_os
+    available = bounding_capabilities()
+    wanted = available if host and not c.capabilities else list(c.capabilities)
+    caps = [cap for cap in wanted if cap in available]
+    dropped = sorted(set(wanted) - set(caps))
+    if dropped:
+        log.info("capabilities unavailable on this kernel", container=c.name, dropped=dropped)
+    env = [DEFAULT_PATH_ENV, f"HOSTNAME={c.hostname}", f"PVPY_CONTAINER={c.name}"]
+    env += [f"{k}={v}" for k, v in c.env if k not in ("PATH",)]
+    env += [f"PATH={v}" for k, v in c.env if k == "PATH"]
+
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+    ]
+    if host:
+        mounts += [
+            {"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind", "rw"]},
+            {"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "rw"]},
+            {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "nodev", "mode=755"]},
+        ]  # fmt: skip
+    else:
+        mounts += [
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "nodev", "mode=755"]},
+        ]  # fmt: skip
+    mounts.append(
+        {"destination": CONTROL_DIR_IN_CONTAINER, "type": "bind", "source": str(control_dir),
+         "options": ["bind", "rw"]}
+    )  # fmt: skip
+    for v in c.volumes:
+        mounts.append(
+            {"destination": v.target, "type": "bind", "source": str(volumes[v.name]),
+             "options": ["rbind", "rw"]}
+        )  # fmt: skip
+    for m in c.mounts:
+        entry: dict[str, Any] = {"destination": m.target, "type": m.type, "source": m.source}
+        options = list(m.options)
+        if m.type == "bind" and not any(o in ("bind", "rbind") for o in options):
+            options.insert(0, "rbind")
+        if options:
+            entry["options"] = options
+        mounts.append(entry)
+
+    namespaces = [{"type": "mount"}] + [{"type": ns} for ns in c.namespaces]
+    if c.network == "isolated":
+        namespaces.append({"type": "network"})
+
+    resources: dict[str, Any] = {}
+    limits = c.cgroup
+    if limits.memory_max is not None:
+        # swap equal to the limit: no extra swap beyond memory
+        resources["memory"] = {"limit": limits.memory_max, "swap": limits.memory_max}
+    if limits.pids_max is not None:
+        resources["pids"] = {"limit": limits.pids_max}
+    cpu: dict[str, Any] = {}
+    if limits.cpu_weight is not None:
+        cpu["shares"] = _cpu_shares(limits.cpu_weight)
+    if limits.cpu_max_percent is not None:
+        cpu["period"] = 100_000
+        cpu["quota"] = limits.cpu_max_percent * 1_000
+    if cpu:
+        resources["cpu"] = cpu
+    if host:
+        resources["devices"] = [{"allow": True, "access": "rwm"}]
+
+    linux: dict[str, Any] = {
+        "namespaces": namespaces,
+        "cgroupsPath": cgroups_path,
+        "resources": resources,
+    }
+    if not host:
+        linux["maskedPaths"] = MASKED_PATHS
+        linux["readonlyPaths"] = READONLY_PATHS
+
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": c.uid, "gid": c.gid},
+            "args": list(c.args),
+            "env": env,
+            "cwd": c.cwd,
+            "capabilities": {
+                "bounding": caps,
+                "effective": caps,
+                "permitted": caps,
+            },
+            "noNewPrivileges": not host,
+        },
+        "root": {"path": str(rootfs), "readonly": False},
+        **({"hostname": c.hostname} if "uts" in c.namespaces else {}),
+        "mounts": mounts,
+        "linux": linux,
+    }
+
+
+class Runtime:
+    """An OCI runtime CLI (crun or runc) plus the mounts a bundle needs."""
+
+    def __init__(self, paths: Paths, binary: str = "crun", cgroup_parent: str = "pvpy") -> None:
+        if binary not in RUNTIMES:
+            raise ContainerError(f"unknown runtime {binary!r} (one of {', '.join(RUNTIMES)})")
+        if _run.which(binary) is None:
+            raise ContainerError(f"{binary} not found: install Debian's {binary} package")
+        self.binary = binary
+        self.paths = paths
+        self.cgroup_parent = cgroup_parent
+        self._image_users: dict[str, set[str]] = {}
+
+    # -- mounts -------------------------------------------------------------
+
+    def _mount_image(self, sha256: str, user: str) -> Path:
+        target = self.paths.image_mount(sha256)
+        if not _linux.mounted(str(target)):
+            target.mkdir(parents=True, exist_ok=True)
+            image = self.paths.storage / "objects" / sha256
+            try:
+                _run.run(["mount", "-t", "squashfs", "-o", "loop,ro", str(image), str(target)])
+            except CommandError as e:
+                raise ContainerError(f"{user}: cannot mount image {sha256[:12]}: {e}") from e
+        self._image_users.setdefault(sha256, set()).add(user)
+        return target
+
+    def _release_image(self, sha256: str, user: str) -> None:
+        users = self._image_users.get(sha256, set())
+        users.discard(user)
+        if not users:
+            target = self.paths.image_mount(sha256)
+            if _linux.mounted(str(target)):
+                try:
+                    _linux.umount(str(target), _linux.MNT_DETACH)
+                except OSError as e:
+                    log.warning("umount failed", target=str(target), error=str(e))
+            self._image_users.pop(sha256, None)
+
+    def _volume_dir(self, c: Container, v: Volume, revision: int) -> Path:
+        path = self.paths.persistent_dir(v.persistence, revision, c.name) / "volumes" / v.name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def prepare(self, c: Container, revision: int) -> Path:
+        """Mount image and overlay, write config.json; return the bundle dir.
+
+        Raises ContainerError (and leaves nothing mounted) on failure.
+        """
+        bundle = self.paths.bundle(c.name)
+        rootfs = bundle / "rootfs"
+        self.cleanup(c)  # whatever a previous run or boot left behind
+        lower = self._mount_image(c.rootfs.sha256, c.name)
+        try:
+            writable = self.paths.persistent_dir(c.writable, revision, c.name)
+            upper, work = writable / "upper", writable / "work"
+            for d in (upper, work, rootfs):
+                d.mkdir(parents=True, exist_ok=True)
+            # work dir must be empty and on the same filesystem as upper
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+            try:
+                _linux.mount("overlay", str(rootfs), "overlay", 0, options)
+            except OSError as e:
+                raise ContainerError(f"{c.name}: cannot mount overlay: {e.strerror}") from e
+            volumes = {v.name: self._volume_dir(c, v, revision) for v in c.volumes}
+            control = self.paths.control_dir(c.name)
+            control.mkdir(parents=True, exist_ok=True)
+            config = oci_config(
+                c,
+                rootfs=rootfs,
+                volumes=volumes,
+                control_dir=control,
+                cgroups_path=f"{self.cgroup_parent}/{c.name}",
+            )
+            (bundle / "config.json").write_text(json.dumps(config, indent=1))
+        except BaseException:
+            self.cleanup(c)
+            raise
+        return bundle
+
+    def cleanup(self, c: Container) -> None:
+        """Forget the container in crun and unmount its rootfs (idempotent)."""
+        self.delete(c.name)
+        rootfs = self.paths.bundle(c.name) / "rootfs"
+        while _linux.mounted(str(rootfs)):
+            try:
+                _linux.umount(str(rootfs), _linux.MNT_DETACH)
+            except OSError as e:
+                log.warning("umount failed", target=str(rootfs), error=str(e))
+                break
+        self._release_image(c.rootfs.sha256, c.name)
+
+    # -- the runtime CLI ------------------------------------------------------
+
+    def _base(self) -> list[str]:
+        argv = [self.binary, "--root", str(self.paths.crun_root)]
+        if self.binary == "crun":
+            argv.append("--cgroup-manager=cgroupfs")
+        return argv
+
+    def run_argv(self, c: Container) -> list[str]:
+        """argv that runs the container in the foreground (the caller spawns it)."""
+        bundle = self.paths.bundle(c.name)
+        return [
+            *self._base(), "run", "--bundle", str(bundle),
+            "--pid-file", str(bundle / "pid"), c.name,
+        ]  # fmt: skip
+
+    def exec_argv(self, c: Container, argv: list[str]) -> list[str]:
+        return [*self._base(), "exec", c.name, *argv]
+
+    def kill(self, name: str, signal_name: str = "TERM") -> None:
+        try:
+            _run.run([*self._base(), "kill", name, signal_name], timeout=10)
+        except CommandError as e:
+            log.debug("kill failed", container=name, error=str(e))
+
+    def delete(self, name: str) -> None:
+        try:
+            _run.run([*self._base(), "delete", "--force", name], timeout=10, check=False)
+        except CommandError as e:
+            log.debug("delete failed", container=name, error=str(e))
+
+    def init_pid(self, c: Container) -> int | None:
+        """Host pid of the container's init, once crun has written it."""
+        try:
+            return int((self.paths.bundle(c.name) / "pid").read_text().strip())
+        except (OSError, ValueError):
+            return None

@@ -1,0 +1,467 @@
+"""The supervisor: runs one revision's containers and keeps them at their goals.
+
+It is event driven and never blocks for long: PID 1's loop hands it child
+exits (``on_exit``), output (``on_output``), ready notifications
+(``on_notify``) and the time (``tick``), and asks when it next needs the time
+(``next_deadline``).
+
+Container states::
+
+    INSTALLED -> MOUNTED -> STARTING -> STARTED -> READY
+                                 ^          |
+                                 |          v (exit)
+                            RECOVERING <----+----> FAILED (no restart / crash loop)
+    any -> STOPPING -> STOPPED
+
+Groups start in order; a group's containers start once their ``depends_on``
+reached their status goal; the next group starts when every container of
+this one met its goal or the group timed out (noted in ``goals_missed``).
+Restarts follow the policy with exponential backoff; running longer than the
+stable window resets the count; more than ``max_retries`` restarts in a row
+is a crash loop (FAILED). Stops go in reverse start order: SIGTERM, the
+container's grace period, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pvpy import _run
+from pvpy.errors import PvpyError
+from pvpy.log import get_logger
+from pvpy.runtime import Runtime
+from pvpy.state.model import Container, State
+
+log = get_logger("supervisor")
+
+INSTALLED, MOUNTED, STARTING, STARTED, READY = (
+    "INSTALLED", "MOUNTED", "STARTING", "STARTED", "READY",
+)  # fmt: skip
+RECOVERING, STOPPING, STOPPED, FAILED = "RECOVERING", "STOPPING", "STOPPED", "FAILED"
+RUNNING = (STARTING, STARTED, READY)
+
+LOG_CAP = 1 << 20  # bytes per container log file before it rotates to .1
+KILL_AFTER_STOP = 5.0  # seconds after SIGKILL before we give up on a container
+
+
+class LogSink:
+    """Container output to a size-capped file (one rotation: name.log.1)."""
+
+    def __init__(self, path: Path, cap: int = LOG_CAP) -> None:
+        self.path = path
+        self.cap = cap
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self._size = os.fstat(self._fd).st_size
+
+    def write(self, data: bytes) -> None:
+        if self._size + len(data) > self.cap:
+            os.close(self._fd)
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            self._size = 0
+        try:
+            self._size += os.write(self._fd, data)
+        except OSError as e:  # a full disk must not stop the container or PID 1
+            log.warning("log write failed", path=str(self.path), error=str(e))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+class Managed:
+    """What the supervisor knows about one container at run time."""
+
+    def __init__(self, spec: Container, order: int) -> None:
+        self.spec = spec
+        self.order = order
+        self.status = INSTALLED
+        self.reason = ""
+        self.pid: int | None = None  # the crun process, our child
+        self.out_fd: int | None = None  # read end of its stdout+stderr pipe
+        self.restarts = 0  # consecutive, reset by the stable window
+        self.total_restarts = 0
+        self.started_at = 0.0
+        self.next_start: float | None = None
+        self.stop_deadline: float | None = None
+        self.killed = False
+        self.check_pid: int | None = None  # readiness command in flight
+        self.next_check = 0.0
+        self.check_deadline = 0.0
+        self.exit_code: int | None = None
+        self.last_exit: str = ""
+        self.log: LogSink | None = None
+        self.restart_requested = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def goal_met(self) -> bool:
+        if self.spec.status_goal == READY:
+            return self.status == READY
+        return self.status in (STARTED, READY)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "group": self.spec.group,
+            "role": self.spec.role,
+            "status": self.status,
+            "goal": self.spec.status_goal,
+            "goal_met": self.goal_met(),
+            "restarts": self.total_restarts,
+            "pid": self.pid,
+            "reason": self.reason,
+            "last_exit": self.last_exit,
+        }
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit {os.WEXITSTATUS(status)}"
+
+
+class Supervisor:
+    """Runs the containers of one revision."""
+
+    def __init__(
+        self,
+        state: State,
+        runtime: Runtime,
+        *,
+        on_device_request: Callable[[str, str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.state = state
+        self.runtime = runtime
+        self.clock = clock
+        self.on_device_request = on_device_request
+        order = state.start_order()
+        self.containers = {c.name: Managed(c, i) for i, c in enumerate(order)}
+        self.groups = [g for g in state.groups if any(c.group == g.name for c in order)]
+        self.group_index = -1
+        self.group_deadline = 0.0
+        self.goals_missed: list[str] = []
+        self.stopping = False
+        self._by_pid: dict[int, Managed] = {}
+        self._by_check_pid: dict[int, Managed] = {}
+
+    # -- queries -------------------------------------------------------------
+
+    def all_goals_met(self) -> bool:
+        return all(m.goal_met() for m in self.containers.values())
+
+    def all_stopped(self) -> bool:
+        return all(m.pid is None for m in self.containers.values())
+
+    def status(self) -> dict[str, Any]:
+        current = self.groups[self.group_index].name if 0 <= self.group_index < len(
+            self.groups
+        ) else None
+        return {
+            "revision": self.state.revision,
+            "group": current,
+            "all_goals_met": self.all_goals_met(),
+            "goals_missed": list(self.goals_missed),
+            "containers": [
+                m.to_dict() for m in sorted(self.containers.values(), key=lambda m: m.order)
+            ],
+        }
+
+    def output_fds(self) -> dict[int, Managed]:
+        return {m.out_fd: m for m in self.containers.values() if m.out_fd is not None}
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin starting group by group (progress happens in ``tick``)."""
+        self._advance_group()
+        self.tick()
+
+    def _advance_group(self) -> None:
+        self.group_index += 1
+        if self.group_index < len(self.groups):
+            group = self.groups[self.group_index]
+            self.group_deadline = self.clock() + group.timeout_ms / 1000
+            log.info("group starting", group=group.name)
+
+    def _eligible(self, m: Managed) -> bool:
+        if self.stopping or m.status not in (INSTALLED, MOUNTED):
+            return False
+        rank = {g.name: i for i, g in enumerate(self.groups)}
+        if rank[m.spec.group] > self.group_index:
+            return False
+        return all(self.containers[d].goal_met() for d in m.spec.depends_on)
+
+    def tick(self) -> None:
+        """Do whatever is due now: starts, restarts, readiness checks, kills, groups."""
+        now = self.clock()
+        for m in sorted(self.containers.values(), key=lambda m: m.order):
+            try:
+                self._tick_one(m, now)
+            except PvpyError as e:
+                self._fail(m, str(e))
+        if self.stopping or self.group_index >= len(self.groups):
+            return
+        group = self.groups[self.group_index]
+        members = [m for m in self.containers.values() if m.spec.group == group.name]
+        if all(m.goal_met() for m in members):
+            log.info("group ready", group=group.name)
+            self._advance_group()
+            self.tick()
+        elif now >= self.group_deadline:
+            missed = [m.name for m in members if not m.goal_met()]
+            self.goals_missed.extend(n for n in missed if n not in self.goals_missed)
+            log.warning("group timed out", group=group.name, missed=missed)
+            self._advance_group()
+            self.tick()
+
+    def _tick_one(self, m: Managed, now: float) -> None:
+        if m.status == STOPPING and m.stop_deadline is not None and now >= m.stop_deadline:
+            if not m.killed:
+                log.warning("stop timed out, killing", container=m.name)
+                self._signal(m, "KILL")
+                m.killed = True
+                m.stop_deadline = now + KILL_AFTER_STOP
+            else:
+                log.error("container did not die", container=m.name)
+                m.stop_deadline = None
+            return
+        if self._eligible(m):
+            self._launch(m)
+            return
+        if m.status == RECOVERING and m.next_start is not None and now >= m.next_start:
+            if not self.stopping:
+                self._launch(m)
+            return
+        if m.status in (STARTED, READY) and m.restarts and (
+            now - m.started_at >= m.spec.restart.stable_window_ms / 1000
+        ):
+            m.restarts = 0  # it stayed up: forget earlier crashes
+        if m.status == STARTING and self.runtime.init_pid(m.spec) is not None:
+            self._set(m, STARTED)
+        if m.status == STARTED and m.spec.readiness is not None:
+            self._check_ready(m, now)
+
+    def _set(self, m: Managed, status: str, reason: str = "") -> None:
+        if m.status != status:
+            log.info("container", name=m.name, status=status, reason=reason or None)
+        m.status = status
+        m.reason = reason
+
+    def _fail(self, m: Managed, reason: str) -> None:
+        log.error("container failed", container=m.name, reason=reason)
+        self._set(m, FAILED, reason)
+        if m.spec.is_host_os and not self.stopping:
+            self.on_device_request("reboot", f"host OS container failed: {reason}")
+
+    def _launch(self, m: Managed) -> None:
+        self.runtime.prepare(m.spec, self.state.revision)
+        self._set(m, MOUNTED)
+        if m.log is None:
+            m.log = LogSink(self.runtime.paths.log_file(m.name))
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        try:
+            pid = _run.spawn(self.runtime.run_argv(m.spec), stdout=write_fd, stderr=write_fd)
+        except PvpyError:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        m.pid, m.out_fd = pid, read_fd
+        m.started_at = self.clock()
+        m.next_start = None
+        m.exit_code = None
+        self._by_pid[pid] = m
+        self._set(m, STARTING)
+
+    # -- readiness ---------------------------------------------------------------
+
+    def _check_ready(self, m: Managed, now: float) -> None:
+        r = m.spec.readiness
+        assert r is not None
+        if m.check_pid is not None or now < m.next_check:
+            return
+        m.next_check = now + r.interval_ms / 1000
+        if r.type == "file":
+            rootfs = self.runtime.paths.bundle(m.name) / "rootfs"
+            if (rootfs / r.path.lstrip("/")).exists():
+                self._set(m, READY)
+        elif r.type == "tcp" and m.spec.network == "host":
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setblocking(False)
+                if s.connect_ex(("127.0.0.1", r.port)) in (0,):
+                    self._set(m, READY)
+                else:
+                    # loopback answers at once: connected, refused, or in progress
+                    import select
+
+                    _, writable, _ = select.select([], [s], [], 0.05)
+                    if writable and s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                        self._set(m, READY)
+        elif r.type in ("command", "tcp"):
+            argv = list(r.command) if r.type == "command" else [
+                "sh", "-c", f"nc -z 127.0.0.1 {r.port} || (echo > /dev/tcp/127.0.0.1/{r.port})"
+            ]  # fmt: skip
+            pid = _run.spawn(self.runtime.exec_argv(m.spec, argv))
+            m.check_pid = pid
+            m.check_deadline = now + r.timeout_ms / 1000
+            self._by_check_pid[pid] = m
+        # notify: nothing to poll, on_notify() does it
+
+    def on_notify(self, name: str, message: str) -> None:
+        """A container said something on its control socket ("READY=1")."""
+        m = self.containers.get(name)
+        if m is None:
+            return
+        if message.strip() in ("READY=1", "READY") and m.status in (STARTING, STARTED):
+            self._set(m, READY)
+
+    # -- events from PID 1 --------------------------------------------------------
+
+    def on_output(self, fd: int) -> None:
+        m = self.output_fds().get(fd)
+        if m is None:
+            return
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            if m.log is not None:
+                m.log.write(data)
+            return
+        os.close(fd)  # EOF: crun and the container closed their ends
+        m.out_fd = None
+
+    def on_exit(self, pid: int, status: int) -> bool:
+        """A child exited. Returns False when it was not one of ours."""
+        checker = self._by_check_pid.pop(pid, None)
+        if checker is not None:
+            checker.check_pid = None
+            if status == 0 and checker.status == STARTED:
+                self._set(checker, READY)
+            return True
+        m = self._by_pid.pop(pid, None)
+        if m is None:
+            return False
+        if m.out_fd is not None:
+            self.on_output(m.out_fd)  # drain what is left
+            if m.out_fd is not None:
+                os.close(m.out_fd)
+                m.out_fd = None
+        m.pid = None
+        m.last_exit = describe_status(status)
+        m.exit_code = os.waitstatus_to_exitcode(status)
+        try:
+            self.runtime.cleanup(m.spec)
+        except PvpyError as e:
+            log.warning("cleanup failed", container=m.name, error=str(e))
+        if m.status == STOPPING or self.stopping:
+            m.stop_deadline = None
+            if m.restart_requested and not self.stopping:
+                m.restart_requested = False
+                self._set(m, INSTALLED, "restart requested")  # eligible again
+            else:
+                self._set(m, STOPPED, m.last_exit)
+            return True
+        log.info("container exited", container=m.name, how=m.last_exit)
+        if m.spec.is_host_os:
+            self._host_os_exited(m, status)
+            return True
+        self._maybe_restart(m, status)
+        return True
+
+    def _host_os_exited(self, m: Managed, status: int) -> None:
+        # reboot(2) in the host OS's pid namespace kills its init: SIGHUP means
+        # restart, SIGINT halt or power off (pid_namespaces(7)). crun relays
+        # the signal as its own exit status 128+n.
+        code = os.waitstatus_to_exitcode(status)
+        sig = -code if code < 0 else code - 128 if code > 128 else 0
+        if sig == signal.SIGHUP:
+            self._set(m, STOPPED, "reboot requested by the host OS")
+            self.on_device_request("reboot", "host OS called reboot")
+        elif sig == signal.SIGINT:
+            self._set(m, STOPPED, "power off requested by the host OS")
+            self.on_device_request("poweroff", "host OS called poweroff")
+        elif m.spec.restart.policy != "no":
+            self._maybe_restart(m, status)
+        else:
+            self._fail(m, f"host OS exited ({m.last_exit})")
+
+    def _maybe_restart(self, m: Managed, status: int) -> None:
+        policy = m.spec.restart
+        failed = status != 0
+        if policy.policy == "no" or (policy.policy == "on-failure" and not failed):
+            if failed:
+                self._fail(m, m.last_exit)
+            else:
+                self._set(m, STOPPED, m.last_exit)
+            return
+        now = self.clock()
+        if now - m.started_at >= policy.stable_window_ms / 1000:
+            m.restarts = 0
+        if m.restarts >= policy.max_retries:
+            self._fail(m, f"crash loop: {m.restarts} restarts, last {m.last_exit}")
+            return
+        delay = min(
+            policy.backoff_initial_ms * (2**m.restarts), policy.backoff_max_ms
+        ) / 1000
+        m.restarts += 1
+        m.total_restarts += 1
+        m.next_start = now + delay
+        self._set(m, RECOVERING, f"{m.last_exit}; restart {m.restarts} in {delay:.1f}s")
+
+    # -- stopping -------------------------------------------------------------------
+
+    def _signal(self, m: Managed, name: str) -> None:
+        self.runtime.kill(m.name, name)
+
+    def stop_all(self) -> None:
+        """Stop every container, in reverse start order (progress in ``tick``/``on_exit``)."""
+        self.stopping = True
+        for m in sorted(self.containers.values(), key=lambda m: -m.order):
+            self.stop(m.name)
+
+    def stop(self, name: str) -> None:
+        m = self.containers[name]
+        if m.pid is None:
+            if m.status in (RECOVERING, INSTALLED, MOUNTED):
+                self._set(m, STOPPED, "stopped")
+            return
+        if m.status == STOPPING:
+            return
+        self._set(m, STOPPING)
+        m.killed = False
+        m.stop_deadline = self.clock() + m.spec.stop_timeout_ms / 1000
+        self._signal(m, "TERM")
+
+    def next_deadline(self) -> float | None:
+        times: list[float] = []
+        for m in self.containers.values():
+            if m.status == RECOVERING and m.next_start is not None:
+                times.append(m.next_start)
+            if m.stop_deadline is not None:
+                times.append(m.stop_deadline)
+            if m.status == STARTING:
+                times.append(self.clock() + 0.05)  # poll for crun's pid file
+            if m.status == STARTED and m.spec.readiness is not None:
+                times.append(max(m.next_check, self.clock() + 0.01))
+            if m.status in (STARTED, READY) and m.restarts:
+                times.append(m.started_at + m.spec.restart.stable_window_ms / 1000)
+        if 0 <= self.group_index < len(self.groups) and not self.stopping:
+            times.append(self.group_deadline)
+        return min(times) if times else None

@@ -33,6 +33,7 @@ RB_AUTOBOOT = 0x01234567
 RB_HALT_SYSTEM = 0xCDEF0123
 RB_POWER_OFF = 0x4321FEDC
 
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -78,6 +79,11 @@ def reboot(cmd: int) -> None:
 
 def set_child_subreaper() -> None:
     _check(_libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl")
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Get ``signum`` when the parent dies (kept across execve)."""
+    _check(_libc().prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0), "prctl")
 
 
 def mounted(target: str) -> bool:

@@ -202,7 +202,8 @@ def cmd_device_run(args: argparse.Namespace) -> int:
 
     init_args = ["--runtime", args.runtime]
     if args.watchdog:
-        init_args += ["--watchdog", args.watchdog]
+        init_args += ["--watchdog", args.watchdog,
+                      "--watchdog-interval", str(args.watchdog_interval)]  # fmt: skip
     return run(Path(args.storage), init_args, max_boots=args.max_boots)
 
 
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", required=True, metavar="DIR")
     p.add_argument("--runtime", default="crun", choices=("crun", "runc"))
     p.add_argument("--watchdog", metavar="PATH", help="watchdog device or test file")
+    p.add_argument("--watchdog-interval", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--max-boots", type=int, help="stop after this many boots (tests)")
     p.set_defaults(func=cmd_device_run)
     p = dev.add_parser("status", help="status of a running sandbox device")
@@ -398,7 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pvpy.log import configure
 
-    configure(level="debug" if args.verbose else os.environ.get("PVPY_LOG_LEVEL", "warning"))
+    # The sandbox narrates boots; other commands print results, logs only warnings.
+    quiet = "info" if (args.noun, args.verb) == ("device", "run") else "warning"
+    configure(level="debug" if args.verbose else os.environ.get("PVPY_LOG_LEVEL", quiet))
     func: Handler = args.func
     try:
         return func(args)

@@ -467,6 +467,9 @@ class Init:
             for m in self.supervisor.containers.values():
                 with contextlib.suppress(Exception):
                     self.supervisor.runtime.cleanup(m.spec)
+            if self.sandbox:  # a board's cgroups vanish with it; the host's do not
+                with contextlib.suppress(Exception):
+                    self.supervisor.runtime.remove_cgroups()
         if action != "reboot":
             self.watchdog.disarm()
         for target in reversed(self.mounted):

@@ -25,6 +25,7 @@ Outside failures (mount, crun) are translated to ContainerError here.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,6 +324,21 @@ class Runtime:
                 log.warning("umount failed", target=str(rootfs), error=str(e))
                 break
         self._release_image(c.rootfs.sha256, c.name)
+
+    def remove_cgroups(self) -> None:
+        """Remove our (empty) cgroup parent in every hierarchy, v1 or v2."""
+        root = Path("/sys/fs/cgroup")
+        candidates = [root / self.cgroup_parent]
+        if root.is_dir():
+            candidates += [d / self.cgroup_parent for d in root.iterdir() if d.is_dir()]
+        for top in candidates:
+            if not top.is_dir():
+                continue
+            for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                try:
+                    os.rmdir(dirpath)
+                except OSError as e:
+                    log.debug("cgroup not removed", path=dirpath, error=str(e))
 
     # -- the runtime CLI ------------------------------------------------------
 

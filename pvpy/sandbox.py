@@ -99,9 +99,18 @@ def _start_pid1(argv: list[str]) -> NoReturn:
     the real PID 1 would.
     """
     try:
+        # The launcher's signals are for PID 1 to act on, not for us: a
+        # `timeout` or Ctrl-C to the process group must not orphan PID 1.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
+        # The launcher gone (killed) is a power cut: take the device down with it.
+        _linux.set_parent_death_signal(signal.SIGKILL)
         _linux.unshare(_linux.CLONE_NEWPID)
         pid1 = os.fork()
         if pid1 == 0:
+            _linux.set_parent_death_signal(signal.SIGKILL)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                signal.signal(sig, signal.SIG_DFL)
             _linux.unshare(_linux.CLONE_NEWNS | _linux.CLONE_NEWUTS | _linux.CLONE_NEWIPC)
             # Nothing we mount may leak to the host.
             _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
@@ -115,9 +124,9 @@ def _start_pid1(argv: list[str]) -> NoReturn:
         signal.signal(signal.SIGUSR2, relay)
         status = _wait(pid1)
         if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
+            died_of = os.WTERMSIG(status)
+            signal.signal(died_of, signal.SIG_DFL)
+            os.kill(os.getpid(), died_of)
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
     except BaseException as e:  # only on a broken host
         os.write(2, f"sandbox: cannot start PID 1: {e}\n".encode())

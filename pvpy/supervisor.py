@@ -206,6 +206,8 @@ class Supervisor:
     def tick(self) -> None:
         """Do whatever is due now: starts, restarts, readiness checks, kills, groups."""
         now = self.clock()
+        if self.stopping:
+            self._stop_next()
         for m in sorted(self.containers.values(), key=lambda m: m.order):
             try:
                 self._tick_one(m, now)
@@ -431,10 +433,23 @@ class Supervisor:
         self.runtime.kill(m.name, name)
 
     def stop_all(self) -> None:
-        """Stop every container, in reverse start order (progress in ``tick``/``on_exit``)."""
+        """Stop every container, one at a time in reverse start order.
+
+        Progress happens in ``tick``: the next container is asked to stop
+        only when the one started after it is gone.
+        """
         self.stopping = True
+        self._stop_next()
+
+    def _stop_next(self) -> None:
         for m in sorted(self.containers.values(), key=lambda m: -m.order):
-            self.stop(m.name)
+            if m.pid is None:
+                if m.status not in (STOPPED, FAILED):
+                    self._set(m, STOPPED, "stopped")
+                continue
+            if m.status != STOPPING:
+                self.stop(m.name)
+            return
 
     def stop(self, name: str) -> None:
         m = self.containers[name]

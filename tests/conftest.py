@@ -61,3 +61,44 @@ def key(tmp_path: Path) -> SigningKey:
 @pytest.fixture
 def key_dir(tmp_path: Path, key: SigningKey) -> Path:
     return tmp_path / "key"
+
+
+@pytest.fixture(scope="session")
+def demo_trees() -> Path:
+    """The busybox rootfs trees of examples/demo (built once per session)."""
+    import shutil
+    import subprocess
+
+    from tests.device import DEMO, need_root_tools
+
+    need_root_tools()
+    if shutil.which("mksquashfs") is None:
+        pytest.skip("squashfs-tools not installed")
+    subprocess.run([DEMO / "make-rootfs"], check=True)
+    return DEMO / "build"
+
+
+@pytest.fixture
+def signing_dir(tmp_path: Path) -> Path:
+    generate_key(tmp_path / "signing")
+    return tmp_path / "signing"
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path, demo_trees: Path, signing_dir: Path) -> Any:
+    """Make and boot sandbox devices; all are powered off (or killed) at the end."""
+    from tests.device import SandboxDevice, pvpy
+
+    made: list[SandboxDevice] = []
+
+    def boot(revision_dir: Path, *extra: str, name: str = "dev", env: dict[str, str] | None = None) -> SandboxDevice:
+        storage = tmp_path / name
+        pvpy("device", "provision", "--storage", storage, "--state", revision_dir,
+             "--trust", signing_dir / "pvpy.pub")
+        device = SandboxDevice(storage, tmp_path / f"{name}.log")
+        made.append(device)
+        return device.start(*extra, env=env)
+
+    yield boot
+    for device in made:
+        device.kill()

@@ -1,0 +1,269 @@
+"""PID 1 and the supervisor, booted for real: sandbox namespaces, crun, busybox.
+
+Every test here runs `pvpy device run` as root; each device is powered off
+(or killed) at the end of its test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.device import HOSTOS, app, build_revision
+
+pytestmark = pytest.mark.root
+
+
+def ordered(events: list[dict[str, Any]], status: str) -> list[str]:
+    return [e["name"] for e in events if e.get("event") == "container" and e.get("status") == status]
+
+
+def test_boot_start_order_and_reverse_stop_order(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    trap = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
+    rev = build_revision(tmp_path, signing_dir, 1, {
+        "hostos": HOSTOS,
+        "db": app(trap, group="platform"),
+        "api": app(trap, depends_on=["cache"]),
+        "cache": app(trap),
+        "ui": app(trap, depends_on=["api"]),
+    })
+    device = sandbox(rev)
+    status = device.wait_goals()
+    assert status["revision"] == 1 and status["pid"] == 1
+    assert {c["name"]: c["status"] for c in status["containers"]} == {
+        "hostos": "STARTED", "db": "STARTED", "cache": "STARTED", "api": "STARTED", "ui": "STARTED"
+    }
+    assert device.stop() == 0
+    events = device.events()
+    started = ordered(events, "STARTED")
+    assert started == ["hostos", "db", "cache", "api", "ui"]
+    stopping = ordered(events, "STOPPING")
+    assert stopping == list(reversed(started))
+    stopped = ordered(events, "STOPPED")
+    assert stopped == list(reversed(started))
+    assert any(e.get("event") == "goodbye" and e.get("action") == "poweroff" for e in events)
+
+
+def test_app_sees_none_of_the_hosts_processes(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    rev = build_revision(tmp_path, signing_dir, 1, {
+        "hostos": HOSTOS,
+        "peek": app("ls /proc | grep -c '^[0-9]' > /tmp/count; "
+                    "echo procs=$(cat /tmp/count) self=$$; ps -o pid,comm; sleep 3600"),
+    })
+    device = sandbox(rev)
+    device.wait_goals()
+    log = device.storage / "logs" / "peek.log"
+    deadline = time.monotonic() + 10
+    while "procs=" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "peek never wrote its process count"
+        time.sleep(0.1)
+    text = log.read_text()
+    # only sh (pid 1), ls and grep existed: nothing of the host, nor of the other containers
+    count = int(text.split("procs=")[1].split()[0])
+    assert count <= 3, text
+    assert "self=1" in text
+    for host_thing in ("pvpy", "crun", "python", "init"):
+        assert host_thing not in text.split("self=1")[1], text
+
+
+def test_memory_limit_is_enforced(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    # dd's 64 MiB block buffer does not fit in 16 MiB: the kernel OOM-kills it.
+    rev = build_revision(tmp_path, signing_dir, 1, {
+        "hostos": HOSTOS,
+        "hog": app("sleep 1; dd if=/dev/zero of=/dev/null bs=64M count=1; echo dd=$?; sleep 3600",
+                   cgroup={"memory_max": "16M", "pids_max": 32}),
+    })
+    device = sandbox(rev)
+    device.wait_goals()
+    log = device.storage / "logs" / "hog.log"
+    deadline = time.monotonic() + 15
+    while "dd=" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, device.tail()
+        time.sleep(0.1)
+    assert "dd=137" in log.read_text()  # 128 + SIGKILL from the OOM killer
+    limit = subprocess.run(
+        ["sh", "-c", f"cat /sys/fs/cgroup/memory/pvpy-{device.run_dir.name}/hog/memory.limit_in_bytes"
+                     f" /sys/fs/cgroup/pvpy-{device.run_dir.name}/hog/memory.max 2>/dev/null"],
+        capture_output=True, text=True,
+    ).stdout.split()
+    assert limit and int(limit[0]) == 16 * 1024 * 1024
+
+
+def test_restart_backoff_and_crash_loop_limit(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    trap = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
+    rev = build_revision(tmp_path, signing_dir, 1, {
+        "hostos": HOSTOS,
+        "steady": app(trap),
+        "crasher": app("echo crashing; exit 3", restart={
+            "policy": "always", "max_retries": 4, "backoff_initial_ms": "200ms",
+            "backoff_max_ms": "1s", "stable_window_ms": "30s"}),
+    })
+    device = sandbox(rev)
+    device.wait_for("steady started", lambda s: any(
+        c["name"] == "steady" and c["status"] == "STARTED" for c in s["containers"]))
+    steady_pid = device.container("steady")["pid"]
+    failed = device.wait_for("crash loop detected", lambda s: any(
+        c["name"] == "crasher" and c["status"] == "FAILED" for c in s["containers"]))
+    crasher = next(c for c in failed["containers"] if c["name"] == "crasher")
+    assert crasher["restarts"] == 4
+    assert "crash loop" in crasher["reason"]
+    # the crash loop did not disturb its neighbour
+    steady = next(c for c in failed["containers"] if c["name"] == "steady")
+    assert steady["status"] == "STARTED" and steady["pid"] == steady_pid and steady["restarts"] == 0
+
+    starts = [
+        e["timestamp"] for e in device.events()
+        if e.get("event") == "container" and e.get("name") == "crasher" and e.get("status") == "STARTING"
+    ]
+    assert len(starts) == 5
+    times = [_seconds(t) for t in starts]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    for gap, expected in zip(gaps, [0.2, 0.4, 0.8, 1.0], strict=True):
+        assert expected <= gap < expected + 0.6, gaps
+
+
+def _seconds(timestamp: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+
+def test_stable_window_resets_the_retry_count(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    # Runs 1.5 s, then fails: longer than its 1 s stable window, so it is never a crash loop.
+    rev = build_revision(tmp_path, signing_dir, 1, {
+        "hostos": HOSTOS,
+        "flaky": app("sleep 1.5; exit 1", restart={
+            "policy": "on-failure", "max_retries": 1, "backoff_initial_ms": "100ms",
+            "stable_window_ms": "1s"}),
+    })
+    device = sandbox(rev)
+    device.wait_for("three restarts", lambda s: any(
+        c["name"] == "flaky" and c["restarts"] >= 3 for c in s["containers"]), timeout=30)
+    assert device.container("flaky")["status"] != "FAILED"
+
+
+def test_orphans_are_reaped(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    rev = build_revision(tmp_path, signing_dir, 1, {"hostos": HOSTOS})
+    device = sandbox(rev)
+    device.wait_goals()
+    pid1 = device.pid1()
+    # 100 grandchildren in PID 1's namespace whose parents exit at once: orphans.
+    subprocess.run(
+        ["nsenter", "--target", str(pid1), "--pid", "--mount", "--",
+         "/bin/busybox", "sh", "-c", "for i in $(seq 100); do (sleep 1 &) ; done"],
+        check=True, timeout=30,
+    )
+    children = _children(pid1)
+    orphans = [p for p in children if _comm(p) == "sleep"]
+    assert len(orphans) == 100, f"orphans were not re-parented to PID 1: {len(orphans)}"
+    deadline = time.monotonic() + 10
+    while True:
+        zombies = [p for p in _children(pid1) if _state(p) == "Z"]
+        sleepers = [p for p in _children(pid1) if _comm(p) == "sleep"]
+        if not zombies and not sleepers:
+            break
+        assert time.monotonic() < deadline, f"{len(zombies)} zombies, {len(sleepers)} sleeping"
+        time.sleep(0.1)
+    assert device.status()["all_goals_met"]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def test_pid1_survives_signal_storms_and_loop_exceptions(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
+    trap = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
+    rev = build_revision(tmp_path, signing_dir, 1, {"hostos": HOSTOS, "app": app(trap)})
+    device = sandbox(rev)
+    before = device.wait_goals()
+    pid1 = device.pid1()
+    pids = {c["name"]: c["pid"] for c in before["containers"]}
+    for _ in range(500):
+        for sig in (signal.SIGHUP, signal.SIGCHLD, signal.SIGWINCH, signal.SIGALRM, signal.SIGPIPE):
+            os.kill(pid1, sig)
+    for _ in range(3):
+        assert device.request({"cmd": "inject", "fault": "raise"})["ok"]
+        time.sleep(0.3)
+    after = device.status()
+    assert after["all_goals_met"] and after["pending"] is None
+    assert {c["name"]: c["pid"] for c in after["containers"]} == pids
+    events = device.events()
+    assert sum(e.get("event") == "loop iteration failed; going on" for e in events) == 3
+    assert device.stop() == 0
+
+
+def test_watchdog_fed_while_healthy_and_not_when_wedged(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
+    rev = build_revision(tmp_path, signing_dir, 1, {"hostos": HOSTOS})
+    dog = tmp_path / "watchdog"
+    dog.write_bytes(b"")
+    device = sandbox(rev, "--watchdog", str(dog), "--watchdog-interval", "0.2")
+    device.wait_goals()
+    size = dog.stat().st_size
+    time.sleep(1.0)
+    assert dog.stat().st_size >= size + 3, "watchdog not fed while healthy"
+    device.request({"cmd": "inject", "fault": "hang"})
+    time.sleep(0.5)
+    wedged = dog.stat().st_size
+    time.sleep(1.5)
+    assert dog.stat().st_size == wedged, "watchdog still fed by a wedged loop"
+
+
+def test_host_os_reboot_reboots_the_device(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    hostos = {**HOSTOS, "args": ["/bin/sh", "-c", "sleep 1; reboot -f"]}
+    rev = build_revision(tmp_path, signing_dir, 1, {"hostos": hostos})
+    device = sandbox(rev, "--max-boots", "2")
+    assert device.proc is not None
+    device.proc.wait(60)
+    events = device.events()
+    boots = [e for e in events if e.get("event") == "boot"]
+    assert len(boots) == 2
+    assert sum(e.get("event") == "shutdown requested" and e.get("reason") == "host OS called reboot"
+               for e in events) == 2
+    assert [e.get("event") for e in events if e.get("logger") == "sandbox"].count("reboot") == 2
+
+
+def test_host_os_poweroff_powers_off(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    hostos = {**HOSTOS, "args": ["/bin/sh", "-c", "sleep 1; poweroff -f"]}
+    rev = build_revision(tmp_path, signing_dir, 1, {"hostos": hostos})
+    device = sandbox(rev)
+    assert device.proc is not None
+    assert device.proc.wait(60) == 0
+    events = device.events()
+    assert any(e.get("reason") == "host OS called poweroff" for e in events)
+    assert any(e.get("event") == "power off" for e in events)
+
+
+def test_runc_runs_the_same_bundle(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    rev = build_revision(tmp_path, signing_dir, 1, {"hostos": HOSTOS, "app": app("sleep 3600")})
+    device = sandbox(rev, "--runtime", "runc")
+    status = device.wait_goals()
+    assert all(c["status"] == "STARTED" for c in status["containers"])

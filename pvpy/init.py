@@ -113,7 +113,7 @@ class Init:
         self.fault: str | None = None
         self.watchdog = Watchdog(args.watchdog, args.watchdog_interval)
         self.clients: dict[socket.socket, tuple[bytearray, float]] = {}
-        self.notify: dict[int, tuple[socket.socket, str]] = {}
+        self.supervised: dict[int, int] = {}  # fd -> token of the supervisor's fds
         self.boot_error: str | None = None
         self.booted_at = time.monotonic()
 
@@ -409,24 +409,25 @@ class Init:
             self.finish()
 
     def sync_fds(self) -> None:
-        """Keep the selector watching exactly the supervisor's open output pipes."""
+        """Keep the selector watching exactly the supervisor's open fds.
+
+        Container output pipes and notify FIFOs come and go with containers;
+        each open fd carries a token, so a reused fd number is registered anew.
+        """
         if self.supervisor is None:
             return
-        wanted = self.supervisor.output_fds()
-        registered = {
-            key.fd for key in self.selector.get_map().values() if key.data == self.on_output
-        }
-        for fd in registered - set(wanted):
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(fd)
-        for fd in set(wanted) - registered:
-            self.selector.register(fd, selectors.EVENT_READ, self.on_output)
-
-    def on_output(self, fd: int) -> None:
-        self.supervisor.on_output(fd)
-        if fd not in self.supervisor.output_fds():
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(fd)
+        wanted: dict[int, int] = self.supervisor.watched_fds()
+        for fd, token in list(self.supervised.items()):
+            if wanted.get(fd) != token:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.selector.unregister(fd)
+                del self.supervised[fd]
+        for fd, token in wanted.items():
+            if fd not in self.supervised:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(fd)  # a stale entry under a reused number
+                self.selector.register(fd, selectors.EVENT_READ, self.supervisor.on_fd)
+                self.supervised[fd] = token
 
     def loop(self) -> NoReturn:
         while True:
@@ -467,6 +468,7 @@ class Init:
             for m in self.supervisor.containers.values():
                 with contextlib.suppress(Exception):
                     self.supervisor.runtime.cleanup(m.spec)
+            self.supervisor.close_fds()
             if self.sandbox:  # a board's cgroups vanish with it; the host's do not
                 with contextlib.suppress(Exception):
                     self.supervisor.runtime.remove_cgroups()

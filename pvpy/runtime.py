@@ -131,7 +131,13 @@ def oci_config(
     dropped = sorted(set(wanted) - set(caps))
     if dropped:
         log.info("capabilities unavailable on this kernel", container=c.name, dropped=dropped)
-    env = [DEFAULT_PATH_ENV, f"HOSTNAME={c.hostname}", f"PVPY_CONTAINER={c.name}"]
+    env = [
+        DEFAULT_PATH_ENV,
+        f"HOSTNAME={c.hostname}",
+        f"PVPY_CONTAINER={c.name}",
+        # `echo READY=1 > $PVPY_NOTIFY` marks the container READY (readiness: notify)
+        f"PVPY_NOTIFY={CONTROL_DIR_IN_CONTAINER}/notify",
+    ]
     env += [f"{k}={v}" for k, v in c.env if k not in ("PATH",)]
     env += [f"PATH={v}" for k, v in c.env if k == "PATH"]
 

@@ -100,6 +100,10 @@ class Managed:
         self.last_exit: str = ""
         self.log: LogSink | None = None
         self.restart_requested = False
+        self.out_token = 0
+        self.notify_fd: int | None = None  # read end of the notify FIFO
+        self.notify_keep: int | None = None  # our write end: no EOF when writers leave
+        self.notify_token = 0
 
     @property
     def name(self) -> str:
@@ -155,6 +159,7 @@ class Supervisor:
         self.stopping = False
         self._by_pid: dict[int, Managed] = {}
         self._by_check_pid: dict[int, Managed] = {}
+        self._tokens = 0
 
     # -- queries -------------------------------------------------------------
 
@@ -180,6 +185,60 @@ class Supervisor:
 
     def output_fds(self) -> dict[int, Managed]:
         return {m.out_fd: m for m in self.containers.values() if m.out_fd is not None}
+
+    def watched_fds(self) -> dict[int, int]:
+        """Every fd PID 1 should wait on for us, with a token unique to its opening."""
+        fds: dict[int, int] = {}
+        for m in self.containers.values():
+            if m.out_fd is not None:
+                fds[m.out_fd] = m.out_token
+            if m.notify_fd is not None:
+                fds[m.notify_fd] = m.notify_token
+        return fds
+
+    def on_fd(self, fd: int) -> None:
+        """An fd from ``watched_fds`` is readable."""
+        for m in self.containers.values():
+            if fd == m.out_fd:
+                self.on_output(fd)
+                return
+            if fd == m.notify_fd:
+                self._read_notify(m)
+                return
+
+    def _open_notify(self, m: Managed) -> None:
+        """The container's notify FIFO (/run/pvpy/notify inside it): one line per message."""
+        if m.notify_fd is not None:
+            return
+        path = self.runtime.paths.control_dir(m.name) / "notify"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            os.mkfifo(path, 0o620)
+        m.notify_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        m.notify_keep = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._tokens += 1
+        m.notify_token = self._tokens
+
+    def _read_notify(self, m: Managed) -> None:
+        assert m.notify_fd is not None
+        try:
+            data = os.read(m.notify_fd, 4096)
+        except BlockingIOError:
+            return
+        for line in data.decode(errors="replace").splitlines():
+            self.on_notify(m.name, line)
+
+    def close_fds(self) -> None:
+        """Close every fd we hold (shutdown)."""
+        for m in self.containers.values():
+            for attr in ("notify_fd", "notify_keep", "out_fd"):
+                fd = getattr(m, attr)
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    setattr(m, attr, None)
+            if m.log is not None:
+                m.log.close()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -270,6 +329,7 @@ class Supervisor:
     def _launch(self, m: Managed) -> None:
         self.runtime.prepare(m.spec, self.state.revision)
         self._set(m, MOUNTED)
+        self._open_notify(m)
         if m.log is None:
             m.log = LogSink(self.runtime.paths.log_file(m.name))
         read_fd, write_fd = os.pipe()
@@ -282,6 +342,8 @@ class Supervisor:
         finally:
             os.close(write_fd)
         m.pid, m.out_fd = pid, read_fd
+        self._tokens += 1
+        m.out_token = self._tokens
         m.started_at = self.clock()
         m.next_start = None
         m.exit_code = None

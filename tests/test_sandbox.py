@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.device import HOSTOS, app, build_revision
+from tests.device import DEMO, HOSTOS, app, build_revision
 
 pytestmark = pytest.mark.root
 
@@ -267,3 +267,87 @@ def test_runc_runs_the_same_bundle(tmp_path: Path, sandbox: Any, signing_dir: Pa
     device = sandbox(rev, "--runtime", "runc")
     status = device.wait_goals()
     assert all(c["status"] == "STARTED" for c in status["containers"])
+
+
+def test_readiness_checks_and_group_timeout(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    idle = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
+    rev = build_revision(tmp_path, signing_dir, 1, {
+        "hostos": HOSTOS,
+        "by-file": app(f"sleep 1; touch /tmp/ready; {idle}", status_goal="READY",
+                       readiness={"type": "file", "path": "/tmp/ready", "interval_ms": "100ms"}),
+        "by-command": app(f"sleep 1; echo ok > /tmp/ok; {idle}", status_goal="READY",
+                          readiness={"type": "command", "command": ["cat", "/tmp/ok"],
+                                     "interval_ms": "200ms"}),
+        "by-tcp": app("sleep 1; exec httpd -f -p 127.0.0.1:18931 -h /tmp", status_goal="READY",
+                      readiness={"type": "tcp", "port": 18931, "interval_ms": "100ms"}),
+        "by-notify": app(f"sleep 1; echo READY=1 > $PVPY_NOTIFY; {idle}", status_goal="READY",
+                         readiness={"type": "notify"}),
+        "never": app(idle, group="platform", status_goal="READY",
+                     readiness={"type": "file", "path": "/nope"}),
+    }, groups=[{"name": "root"}, {"name": "platform", "timeout_ms": "2s"}, {"name": "app"}])
+    device = sandbox(rev)
+    status = device.wait_for("the app group ready", lambda s: all(
+        c["status"] == "READY" for c in s["containers"] if c["name"].startswith("by-")), timeout=40)
+    assert status["goals_missed"] == ["never"]
+    assert not status["all_goals_met"]
+    never = next(c for c in status["containers"] if c["name"] == "never")
+    assert never["status"] == "STARTED"
+    events = device.events()
+    assert any(e.get("event") == "group timed out" and e.get("missed") == ["never"] for e in events)
+    # READY came from the checks, not from the start: each app waited its second
+    ready = {e["name"]: e["timestamp"] for e in events
+             if e.get("event") == "container" and e.get("status") == "READY"}
+    started = {e["name"]: e["timestamp"] for e in events
+               if e.get("event") == "container" and e.get("status") == "STARTED"}
+    for name in ("by-file", "by-command", "by-tcp", "by-notify"):
+        assert _seconds(ready[name]) - _seconds(started[name]) >= 0.8, name
+
+
+def test_unverifiable_revision_falls_back_to_an_older_one(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
+    from pvpy.store import Storage
+    from pvpy.trust import read_revision_dir
+
+    idle = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
+    rev1 = build_revision(tmp_path, signing_dir, 1, {"hostos": HOSTOS, "app": app(idle)})
+    # revision 2's app has its own image (the web tree), so corrupting it spares revision 1
+    app2 = {**app("echo v2; " + idle), "rootfs": {"dir": str(DEMO / "build" / "web"), "all_root": True}}
+    rev2 = build_revision(tmp_path, signing_dir, 2, {"hostos": HOSTOS, "app": app2})
+    device = sandbox(rev1)
+    device.wait_goals()
+    device.stop()
+    # Install revision 2 by hand, make it the one to boot, then corrupt its app image.
+    storage = Storage(device.storage)
+    state, sig, _ = read_revision_dir(rev2)
+    for obj in (rev2 / "objects").iterdir():
+        if not obj.name.startswith("."):
+            storage.objects.put_file(obj, expected=obj.name)
+    storage.install_revision(2, state, sig)
+    (device.storage / "bootenv").write_text("pv_rev=2\n")
+    from pvpy.state import parse_unverified
+
+    image = storage.objects.path(parse_unverified(state).container("app").rootfs.sha256)
+    os.chmod(image, 0o644)
+    with open(image, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    device.start()
+    status = device.wait_goals()
+    assert status["revision"] == 1
+    assert "revision 2" in status["boot_error"] and "corrupt" in status["boot_error"]
+
+
+def test_no_runnable_revision_keeps_pid1_up(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    rev = build_revision(tmp_path, signing_dir, 1, {"hostos": HOSTOS})
+    device = sandbox(rev)
+    device.wait_goals()
+    device.stop()
+    (device.storage / "trails" / "1" / "state.sig.json").write_text("{}")
+    device.start()
+    status = device.wait_for("PID 1 up without containers", lambda s: s.get("boot_error") is not None)
+    assert status["revision"] is None and status["containers"] == []
+    assert "state.sig.json" in status["boot_error"]
+    time.sleep(1)
+    assert device.status()["pid"] == 1  # still there, still answering
+    assert device.stop() == 0

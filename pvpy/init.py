@@ -155,13 +155,7 @@ class Init:
         namespace; a board mounts cgroup2 alone when the kernel has it.
         """
         if self.sandbox:
-            unified = "/sys/fs/cgroup/unified"
-            if _linux.mounted(unified):
-                try:
-                    _linux.umount(unified, _linux.MNT_DETACH)
-                    log.info("cgroup: hybrid layout, using v1 only", dropped=unified)
-                except OSError as e:
-                    log.warning("cgroup: cannot drop unified hierarchy", error=str(e))
+            self.sandbox_cgroups()
             return
         if _linux.mounted("/sys/fs/cgroup"):
             return
@@ -183,6 +177,45 @@ class Init:
             name, _, _, enabled = line.split()
             if enabled == "1":
                 self._mount("cgroup", f"/sys/fs/cgroup/{name}", "cgroup", 0, name)
+
+    def sandbox_cgroups(self) -> None:
+        """On a hybrid host, rebuild /sys/fs/cgroup with the v1 hierarchies only.
+
+        A fresh tmpfs of our own (private mount namespace) gets each v1
+        hierarchy mounted again with the host's options, and the host's
+        symlinks (cpu -> cpu,cpuacct). Merely unmounting the v2 part would let
+        crun write stray files into the host's own /sys/fs/cgroup tmpfs.
+        """
+        root = "/sys/fs/cgroup"
+        v1: list[tuple[str, str]] = []
+        hybrid = False
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                mountpoint, fstype, options = fields[4], fields[sep + 1], fields[sep + 3]
+                if os.path.dirname(mountpoint) != root:
+                    continue
+                if fstype == "cgroup2":
+                    hybrid = True
+                elif fstype == "cgroup":
+                    opts = ",".join(o for o in options.split(",") if o not in ("rw", "ro"))
+                    v1.append((os.path.basename(mountpoint), opts))
+        if not (hybrid and v1):
+            return
+        links = {
+            entry.name: os.readlink(entry.path)
+            for entry in os.scandir(root)
+            if entry.is_symlink()
+        }
+        _linux.mount("cgroup_root", root, "tmpfs", 0, "mode=755")
+        for name, opts in v1:
+            os.mkdir(f"{root}/{name}")
+            _linux.mount("cgroup", f"{root}/{name}", "cgroup", 0, opts)
+        for name, target in links.items():
+            with contextlib.suppress(OSError):
+                os.symlink(target, f"{root}/{name}")
+        log.info("cgroup: hybrid host, sandbox uses the v1 hierarchies", hierarchies=len(v1))
 
     # -- 2. signals --------------------------------------------------------------
 
@@ -536,5 +569,7 @@ def main(argv: list[str]) -> NoReturn:
     args = build_parser().parse_args(argv)
     configure(lean=True, json=True, level=args.log_level)
     if os.getpid() != 1:
-        log.warning("not PID 1: orphans will not be reaped here", pid=os.getpid())
+        # Device mode ends in reboot(2): on a workstation that would reboot it.
+        sys.stderr.write("pvpy init: not PID 1; use `pvpy device run` for a sandbox\n")
+        sys.exit(2)
     Init(args).run()

@@ -200,7 +200,11 @@ def cmd_device_provision(args: argparse.Namespace) -> int:
 def cmd_device_run(args: argparse.Namespace) -> int:
     from pvpy.sandbox import run
 
-    init_args = ["--runtime", args.runtime]
+    init_args = [
+        "--runtime", args.runtime,
+        "--commit-delay", str(args.commit_delay),
+        "--commit-timeout", str(args.commit_timeout),
+    ]  # fmt: skip
     if args.watchdog:
         init_args += ["--watchdog", args.watchdog,
                       "--watchdog-interval", str(args.watchdog_interval)]  # fmt: skip
@@ -259,7 +263,12 @@ def cmd_device_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"revision   {status['revision']}{' (trying)' if status['trying'] else ''}")
+    print(f"running    {status['revision']}{' (trying)' if status['trying'] else ''}")
+    print(f"last good  {status.get('committed')}")
+    if status.get("try") is not None:
+        print(f"try        {status['try']}")
+    if status.get("updating") is not None:
+        print(f"updating   {status['updating']}")
     if status.get("boot_error"):
         print(f"boot error {status['boot_error']}")
     print(f"goals      {'met' if status.get('all_goals_met') else 'not met'}")
@@ -270,7 +279,60 @@ def cmd_device_status(args: argparse.Namespace) -> int:
         for c in status["containers"]
     ]  # fmt: skip
     _print_table(["NAME", "GROUP", "STATUS", "GOAL", "RESTARTS", "PID", "REASON"], rows)
+    if status.get("updates"):
+        print()
+        _print_table(
+            ["REVISION", "STATE", "KIND", "REASON"],
+            [[str(u["revision"]), u["status"], u["kind"] or "-", u["reason"][:60]]
+             for u in status["updates"]],
+        )  # fmt: skip
     return 0
+
+
+def follow_update(storage: Path, revision: int, timeout: float) -> int:
+    """Print an update's progress until it ends; exit 0 for UPDATED/DONE."""
+    import time
+
+    from pvpy import update as up
+
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        p = up.read_progress(storage, revision)
+        if p is not None and (p.status, p.reason, p.percent) != seen:
+            seen = (p.status, p.reason, p.percent)
+            pct = f" {p.percent}%" if p.percent is not None else ""
+            print(f"revision {revision}: {p.status}{pct} {p.reason}".rstrip(), flush=True)
+            if p.status in up.FINAL:
+                return 0 if p.status in (up.UPDATED, up.DONE) else 3
+        time.sleep(0.2)
+    print(f"revision {revision}: still {seen[0] if seen else 'unknown'} after {timeout:g}s")
+    return 1
+
+
+def cmd_device_update(args: argparse.Namespace) -> int:
+    from pvpy.sandbox import load_trust
+    from pvpy.update import stage
+
+    storage = Path(args.storage)
+    control_request(storage, {"cmd": "status"})  # the device must be up to apply it
+    state = stage(storage, Path(args.state), load_trust(storage))
+    print(f"revision {state.revision}: staged")
+    reply = control_request(storage, {"cmd": "update", "revision": state.revision})
+    print(f"revision {state.revision}: {reply.get('kind')} update"
+          + (f", restarting {', '.join(reply['changed'])}" if reply.get("changed") else ""))
+    if args.no_wait:
+        return 0
+    return follow_update(storage, state.revision, args.timeout)
+
+
+def cmd_device_rollback(args: argparse.Namespace) -> int:
+    storage = Path(args.storage)
+    reply = control_request(storage, {"cmd": "rollback"})
+    print(f"rolling back to revision {reply['revision']} ({reply.get('kind')} change)")
+    if args.no_wait:
+        return 0
+    return follow_update(storage, int(reply["revision"]), args.timeout)
 
 
 def cmd_device_command(args: argparse.Namespace) -> int:
@@ -365,7 +427,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watchdog", metavar="PATH", help="watchdog device or test file")
     p.add_argument("--watchdog-interval", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--max-boots", type=int, help="stop after this many boots (tests)")
+    p.add_argument("--commit-delay", type=float, default=25.0, metavar="SECONDS",
+                   help="how long all goals must hold before an update commits (default 25)")
+    p.add_argument("--commit-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="how long an update may take to meet its goals (default 120)")
     p.set_defaults(func=cmd_device_run)
+    p = dev.add_parser(
+        "update",
+        help="update a running device from a signed revision dir; follows it to the end",
+        description="Stages the revision (signature, schema, anti-rollback, objects) into the "
+        "storage, asks PID 1 to apply it, prints its progress. Exit 0 when UPDATED or DONE, "
+        "3 when refused (WONTGO) or rolled back (ERROR).",
+    )
+    p.add_argument("state", metavar="SIGNED_DIR")
+    p.add_argument("--storage", required=True, metavar="DIR")
+    p.add_argument("--no-wait", action="store_true", help="do not follow the progress")
+    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS")
+    p.set_defaults(func=cmd_device_update)
+    p = dev.add_parser("rollback", help="go back to the newest good older revision")
+    p.add_argument("--storage", required=True, metavar="DIR")
+    p.add_argument("--no-wait", action="store_true", help="do not follow the progress")
+    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS")
+    p.set_defaults(func=cmd_device_rollback)
     p = dev.add_parser("status", help="status of a running sandbox device")
     p.add_argument("--storage", required=True, metavar="DIR")
     p.add_argument("--json", action="store_true")

@@ -25,6 +25,7 @@ from pvpy import _linux
 from pvpy.errors import DeviceError, StoreError
 from pvpy.log import get_logger
 from pvpy.store import Storage
+from pvpy.update import POWERCUT_EXIT
 
 log = get_logger("sandbox")
 
@@ -183,6 +184,12 @@ def run(storage_dir: Path, init_args: list[str], max_boots: int | None = None) -
             if choice.failed_try is not None:
                 argv += ["--failed-try", str(choice.failed_try)]
             status = _boot_once(argv + init_args)
+            # A simulated power cut happens once: the next boot runs without it.
+            os.environ.pop("PVPY_POWERCUT", None)
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == POWERCUT_EXIT:
+                log.info("power cut", revision=choice.revision)
+                time.sleep(REBOOT_PAUSE)
+                continue
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGHUP:
                 log.info("reboot", revision=choice.revision)
                 time.sleep(REBOOT_PAUSE)  # a board takes seconds to reboot; so do we

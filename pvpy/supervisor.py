@@ -160,6 +160,7 @@ class Supervisor:
         self._by_pid: dict[int, Managed] = {}
         self._by_check_pid: dict[int, Managed] = {}
         self._tokens = 0
+        self.pending_switch: tuple[State, set[str]] | None = None
 
     # -- queries -------------------------------------------------------------
 
@@ -231,14 +232,18 @@ class Supervisor:
     def close_fds(self) -> None:
         """Close every fd we hold (shutdown)."""
         for m in self.containers.values():
-            for attr in ("notify_fd", "notify_keep", "out_fd"):
-                fd = getattr(m, attr)
-                if fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                    setattr(m, attr, None)
-            if m.log is not None:
-                m.log.close()
+            self._close(m)
+
+    def _close(self, m: Managed) -> None:
+        for attr in ("notify_fd", "notify_keep", "out_fd"):
+            fd = getattr(m, attr)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(m, attr, None)
+        if m.log is not None:
+            m.log.close()
+            m.log = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -267,6 +272,9 @@ class Supervisor:
         now = self.clock()
         if self.stopping:
             self._stop_next()
+        elif self.pending_switch is not None:
+            self._stop_next(self.pending_switch[1])
+            self._maybe_switch()
         for m in sorted(self.containers.values(), key=lambda m: m.order):
             try:
                 self._tick_one(m, now)
@@ -503,8 +511,45 @@ class Supervisor:
         self.stopping = True
         self._stop_next()
 
-    def _stop_next(self) -> None:
+    def switch(self, new_state: State, stop: set[str]) -> None:
+        """Move to ``new_state``: stop the named containers (reverse order, one
+        by one), then start what ``new_state`` has that is not running. The
+        containers not named keep running untouched (same processes)."""
+        self.pending_switch = (new_state, set(stop))
+        self._stop_next(set(stop))
+        self._maybe_switch()
+
+    def _maybe_switch(self) -> None:
+        if self.pending_switch is None:
+            return
+        new_state, names = self.pending_switch
+        if any(self.containers[n].pid is not None for n in names if n in self.containers):
+            return
+        order = new_state.start_order()
+        containers: dict[str, Managed] = {}
+        for i, spec in enumerate(order):
+            old = self.containers.get(spec.name)
+            if old is not None and spec.name not in names and old.spec == spec:
+                old.order = i
+                containers[spec.name] = old
+            else:
+                containers[spec.name] = Managed(spec, i)
+        for name, old in self.containers.items():
+            if containers.get(name) is not old:
+                self._close(old)
+        self.containers = containers
+        self.state = new_state
+        self.groups = [g for g in new_state.groups if any(c.group == g.name for c in order)]
+        self.group_index = -1
+        self.goals_missed = []
+        self.pending_switch = None
+        log.info("switched", revision=new_state.revision)
+        self._advance_group()
+
+    def _stop_next(self, names: set[str] | None = None) -> None:
         for m in sorted(self.containers.values(), key=lambda m: -m.order):
+            if names is not None and m.name not in names:
+                continue
             if m.pid is None:
                 if m.status not in (STOPPED, FAILED):
                     self._set(m, STOPPED, "stopped")

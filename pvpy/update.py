@@ -1,0 +1,288 @@
+"""Updates: stage a signed revision, classify the change, record progress.
+
+Two halves, in two processes:
+
+- ``stage`` runs in the process that received the revision (the CLI for a
+  local update, the API server for a network one), never in PID 1: it checks
+  the signature, schema and anti-rollback, copies the missing objects with
+  their hashes checked, and installs the trail atomically. Any refusal leaves
+  the storage as it was (objects it added are removed) and is recorded as
+  WONTGO (refused) or ERROR (failed) with a reason.
+- PID 1 then applies it (``pvpy.init``): an app-only change restarts just the
+  changed containers; a BSP or host OS change sets ``pv_try`` and reboots.
+  Either way the new revision is TESTING until every goal is met and the
+  commit delay passed quietly; then it is committed, or rolled back.
+
+Progress states: QUEUED, DOWNLOADING, INPROGRESS, TESTING, UPDATED (no
+reboot needed), DONE, WONTGO, ERROR — one JSON file per revision under
+``STORAGE/progress/``, written atomically.
+
+Persist points (``persist_point``) name every place where the update path
+has just made something durable; ``PVPY_POWERCUT=<point>`` cuts the power
+right there (tests walk every point).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pvpy.errors import (
+    ManifestError,
+    ObjectCorruptError,
+    ObjectMissingError,
+    ObjectNameError,
+    PvpyError,
+    StoreError,
+    TrustError,
+)
+from pvpy.log import get_logger
+from pvpy.state.model import State
+from pvpy.store import Storage, write_atomic
+
+log = get_logger("update")
+
+QUEUED, DOWNLOADING, INPROGRESS, TESTING = "QUEUED", "DOWNLOADING", "INPROGRESS", "TESTING"
+UPDATED, DONE, WONTGO, ERROR = "UPDATED", "DONE", "WONTGO", "ERROR"
+FINAL = (UPDATED, DONE, WONTGO, ERROR)
+
+KIND_APP = "app"  # only app containers changed: no reboot
+KIND_REBOOT = "reboot"  # BSP, host OS or groups changed: try-boot
+
+POWERCUT_EXIT = 99  # PID 1's exit code for a simulated power cut (sandbox only)
+
+PERSIST_POINTS = (
+    "stage:object",  # one object of the new revision is on disk
+    "stage:trail",  # the new revision's trail is installed
+    "app:switched",  # the changed containers run the new revision, nothing committed
+    "app:commit",  # pv_rev names the new revision, progress not yet UPDATED
+    "app:rollback",  # ERROR recorded, old containers not yet back
+    "reboot:try",  # pv_try written, not yet rebooted
+    "reboot:testing",  # booted into the try, TESTING recorded
+    "reboot:commit",  # pv_rev names the new revision, progress not yet DONE
+    "reboot:rollback",  # ERROR recorded, pv_try not yet cleared
+    "gc:done",  # unpinned revisions and objects removed
+)
+
+
+def persist_point(name: str) -> None:
+    """Cut the power here when the test asks for it (``PVPY_POWERCUT``)."""
+    if os.environ.get("PVPY_POWERCUT") != name:
+        return
+    log.warning("power cut", point=name)
+    if os.getpid() == 1:
+        os._exit(POWERCUT_EXIT)  # PID 1 gone: the kernel kills its whole namespace
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Progress:
+    revision: int
+    status: str
+    reason: str = ""
+    percent: int | None = None
+    kind: str | None = None
+    time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "revision": self.revision,
+            "status": self.status,
+            "reason": self.reason,
+            "percent": self.percent,
+            "kind": self.kind,
+            "time": self.time,
+        }
+
+
+def progress_path(storage: Path, revision: int) -> Path:
+    return Path(storage) / "progress" / f"{revision}.json"
+
+
+def write_progress(
+    storage: Path,
+    revision: int,
+    status: str,
+    reason: str = "",
+    percent: int | None = None,
+    kind: str | None = None,
+) -> Progress:
+    """Record an update's state durably (atomic replace). Never raises."""
+    p = Progress(revision, status, reason, percent, kind, round(time.time(), 3))
+    path = progress_path(storage, revision)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(p.to_dict()).encode())
+    except (OSError, PvpyError) as e:  # a full disk must not turn into a crash
+        log.error("cannot record progress", revision=revision, status=status, error=str(e))
+    log.info("update", revision=revision, status=status, reason=reason or None, percent=percent)
+    return p
+
+
+def read_progress(storage: Path, revision: int) -> Progress | None:
+    try:
+        d = json.loads(progress_path(storage, revision).read_text())
+        return Progress(
+            d["revision"], d["status"], d.get("reason", ""), d.get("percent"), d.get("kind"),
+            d.get("time", 0.0),
+        )  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def all_progress(storage: Path) -> list[Progress]:
+    out = []
+    for path in sorted((Path(storage) / "progress").glob("*.json")):
+        if path.stem.isdigit():
+            p = read_progress(storage, int(path.stem))
+            if p is not None:
+                out.append(p)
+    return sorted(out, key=lambda p: p.revision)
+
+
+# -- classify -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: str
+    changed: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    why: str = ""
+
+
+def classify(old: State, new: State) -> Change:
+    """What it takes to go from ``old`` to ``new``: restarts or a reboot."""
+    if old.bsp != new.bsp:
+        return Change(KIND_REBOOT, why="BSP changed")
+    if old.groups != new.groups:
+        return Change(KIND_REBOOT, why="groups changed")
+    old_os, new_os = old.host_os, new.host_os
+    if old_os != new_os:
+        return Change(KIND_REBOOT, why="host OS container changed")
+    before = {c.name: c for c in old.containers}
+    after = {c.name: c for c in new.containers}
+    return Change(
+        KIND_APP,
+        changed=tuple(sorted(n for n in before.keys() & after.keys() if before[n] != after[n])),
+        added=tuple(sorted(after.keys() - before.keys())),
+        removed=tuple(sorted(before.keys() - after.keys())),
+        why="only app containers changed",
+    )
+
+
+def good_revisions_below(storage: Storage, below: int) -> list[int]:
+    """Installed revisions older than ``below`` that once ran well (or the factory one)."""
+    good = {p.revision for p in all_progress(storage.root) if p.status in (DONE, UPDATED)}
+    return [
+        r
+        for r in storage.revisions()
+        if r < below and (r in good or read_progress(storage.root, r) is None)
+    ]
+
+
+# -- stage ----------------------------------------------------------------------
+
+
+def highest_revision(storage: Storage) -> int:
+    """The anti-rollback reference: the highest revision this device ever installed.
+
+    Trails can be garbage-collected, so progress records count too (all but
+    WONTGO: a refused revision was never installed, its number is not used up).
+    """
+    known = [p.revision for p in all_progress(storage.root) if p.status != WONTGO]
+    return max([0, *storage.revisions(), *known])
+
+
+def stage(storage_dir: Path, source: Path, trust: Any) -> State:
+    """Verify a signed revision dir and install it into the storage (not applied).
+
+    Records WONTGO (refused: signature, key, rollback, schema, bad object) or
+    ERROR (failed: storage, disk full) and re-raises; on any failure the
+    objects this call added are removed again and no trail is left.
+    """
+    from pvpy.trust import read_revision_dir, verify_revision
+
+    storage = Storage(Path(storage_dir)).ensure()
+    storage.clean_temp()
+    state_bytes, sig_bytes, keyset = read_revision_dir(Path(source))
+    # Trust first, before a single byte is copied: signature, schema, version.
+    try:
+        verified = verify_revision(
+            state_bytes, sig_bytes, trust, objects=None,
+            current_revision=highest_revision(storage), keyset_bytes=keyset,
+        )  # fmt: skip
+    except (TrustError, ManifestError) as e:
+        _refuse_unparsed(storage, state_bytes, str(e))
+        raise
+    revision = verified.revision
+    write_progress(storage.root, revision, QUEUED, "verified signature and schema")
+    refs = list(verified.state.objects().values())
+    missing = [r for r in refs if not storage.objects.has(r.sha256)]
+    total = sum(r.size for r in missing) or 1
+    added: list[str] = []
+    done = 0
+    try:
+        src = Path(source) / "objects"
+        for ref in missing:
+            write_progress(storage.root, revision, DOWNLOADING, f"object {ref.sha256[:12]}",
+                           percent=done * 100 // total)  # fmt: skip
+            try:
+                with open(src / ref.sha256, "rb") as f:
+                    storage.objects.put_stream(f, expected=ref.sha256, max_size=ref.size)
+            except FileNotFoundError as e:
+                raise ObjectMissingError(f"object {ref.sha256} is missing") from e
+            added.append(ref.sha256)
+            done += ref.size
+            persist_point("stage:object")
+        for ref in refs:  # objects we already had are checked too
+            storage.objects.verify(ref.sha256, size=ref.size)
+        storage.install_revision(revision, state_bytes, sig_bytes)
+        if keyset is not None:
+            write_atomic(storage.root / "progress" / f"{revision}.keys.json", keyset)
+        persist_point("stage:trail")
+    except PvpyError as e:
+        _drop_added(storage, added)
+        # bad input is refused (WONTGO); a device that failed (disk full) is ERROR
+        refused = isinstance(e, ObjectCorruptError | ObjectMissingError | ObjectNameError)
+        write_progress(storage.root, revision, WONTGO if refused else ERROR, str(e))
+        raise
+    write_progress(storage.root, revision, INPROGRESS, "staged", percent=100)
+    return verified.state
+
+
+def _refuse_unparsed(storage: Storage, state_bytes: bytes, reason: str) -> None:
+    """WONTGO for a revision we refused; its number only if it can be read at all."""
+    try:
+        from pvpy.state import canonical
+
+        doc = canonical.decode(state_bytes)
+        revision = doc.get("revision") if isinstance(doc, dict) else None
+    except ManifestError:
+        revision = None
+    if isinstance(revision, int) and not isinstance(revision, bool) and revision > 0:
+        existing = read_progress(storage.root, revision)
+        # never overwrite the record of a revision the device really has
+        if existing is None and not storage.has_revision(revision):
+            write_progress(storage.root, revision, WONTGO, reason)
+    log.info("update refused", reason=reason)
+
+
+def _drop_added(storage: Storage, added: list[str]) -> None:
+    """Remove the objects a failed staging added, unless an installed revision needs them."""
+    needed: set[str] = set()
+    for rev in storage.revisions():
+        try:
+            needed |= storage.referenced_by(rev)
+        except StoreError:
+            return  # unsure what is needed: keep everything
+    for name in added:
+        if name not in needed:
+            storage.objects.remove(name)
+    storage.clean_temp()

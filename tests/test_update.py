@@ -1,0 +1,265 @@
+"""Updates: classification, staging refusals that leave nothing behind, and the
+full app-only / reboot / rollback paths in the sandbox."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pvpy import update as up
+from pvpy.errors import (
+    ManifestError,
+    ObjectCorruptError,
+    ObjectMissingError,
+    RollbackError,
+    SignatureError,
+    UntrustedKeyError,
+)
+from pvpy.signing import SigningKey, TrustStore, generate_key, sign_state
+from pvpy.state import State, canonical
+from pvpy.store import Storage
+from tests.conftest import minimal_state, write_revision
+from tests.device import HOSTOS, app, build_revision, pvpy
+
+# -- classify -------------------------------------------------------------------
+
+
+def state_with(**containers: dict[str, Any]) -> State:
+    doc = minimal_state()
+    ref = doc["containers"]["app"]["rootfs"]
+    doc["containers"] = {n: {"rootfs": ref, "args": ["x"], **c} for n, c in containers.items()}
+    return State.from_dict(doc)
+
+
+def test_classify_app_only_changes() -> None:
+    old = state_with(os={"role": "host-os"}, a={}, b={}, c={})
+    new = state_with(os={"role": "host-os"}, a={}, b={"args": ["y"]}, d={})
+    change = up.classify(old, new)
+    assert change.kind == up.KIND_APP
+    assert (change.changed, change.added, change.removed) == (("b",), ("d",), ("c",))
+
+
+def test_classify_host_os_or_bsp_change_needs_reboot() -> None:
+    old = state_with(os={"role": "host-os"}, a={})
+    assert up.classify(old, state_with(os={"role": "host-os", "args": ["z"]}, a={})).kind == "reboot"
+    doc = old.to_dict()
+    doc["bsp"] = {"kernel": {"sha256": "f" * 64, "size": 1}}
+    assert up.classify(old, State.from_dict(doc)).why == "BSP changed"
+    doc = old.to_dict()
+    doc["groups"] = [{"name": "root"}, {"name": "app", "timeout_ms": 5}]
+    assert up.classify(old, State.from_dict(doc)).why == "groups changed"
+
+
+# -- staging refusals leave nothing behind -----------------------------------------
+
+
+@pytest.fixture
+def device_storage(tmp_path: Path, key: SigningKey) -> Storage:
+    """A storage holding revision 5 (installed as if provisioned)."""
+    rev = write_revision(tmp_path / "factory", 5, [key], blobs={"app": b"factory app"})
+    storage = Storage(tmp_path / "storage").ensure()
+    for obj in (rev / "objects").iterdir():
+        if not obj.name.startswith("."):
+            storage.objects.put_file(obj, expected=obj.name)
+    storage.install_revision(5, (rev / "state.json").read_bytes(), (rev / "state.sig.json").read_bytes())
+    return storage
+
+
+def snapshot(storage: Storage) -> tuple[set[str], list[int], list[str]]:
+    return (set(storage.objects.names()), storage.revisions(),
+            sorted(p.name for p in storage.objects.tmp.iterdir()))
+
+
+def trust_of(key: SigningKey) -> TrustStore:
+    return TrustStore.from_public_keys([key.raw_public])
+
+
+def test_stage_installs_a_good_revision(tmp_path: Path, key: SigningKey, device_storage: Storage) -> None:
+    rev = write_revision(tmp_path / "r6", 6, [key], blobs={"app": b"new app", "db": b"new db"})
+    state = up.stage(device_storage.root, rev, trust_of(key))
+    assert state.revision == 6 and device_storage.revisions() == [5, 6]
+    for ref in state.objects().values():
+        device_storage.objects.verify(ref.sha256)
+    assert up.read_progress(device_storage.root, 6).status == up.INPROGRESS  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("attack", ["bad-signature", "unknown-key", "replay", "schema",
+                                    "missing-object", "corrupt-object"])
+def test_refused_updates_leave_nothing_behind(
+    tmp_path: Path, key: SigningKey, device_storage: Storage, attack: str
+) -> None:
+    before = snapshot(device_storage)
+    blobs = {"app": b"new app bytes", "db": b"new db bytes" * 1000}
+    expected: type[Exception]
+    if attack == "bad-signature":
+        rev = write_revision(tmp_path / "r", 6, [key], blobs=blobs)
+        data = bytearray((rev / "state.json").read_bytes())
+        data[data.index(b'"revision":6')+11] = ord("7")  # signed 6, now says 7
+        (rev / "state.json").write_bytes(bytes(data))
+        expected = SignatureError
+    elif attack == "unknown-key":
+        rev = write_revision(tmp_path / "r", 6, [generate_key(tmp_path / "evil")], blobs=blobs)
+        expected = UntrustedKeyError
+    elif attack == "replay":
+        rev = write_revision(tmp_path / "r", 4, [key], blobs=blobs)
+        expected = RollbackError
+    elif attack == "schema":
+        rev = tmp_path / "r"
+        rev.mkdir()
+        data = canonical.encode({"#spec": "pvpy-state@1", "revision": 6, "containers": {"x": {}}})
+        (rev / "state.json").write_bytes(data)
+        (rev / "state.sig.json").write_bytes(sign_state(data, [key]))
+        expected = ManifestError
+    else:
+        rev = write_revision(tmp_path / "r", 6, [key], blobs=blobs)
+        victim = next(p for p in sorted((rev / "objects").iterdir())
+                      if not p.name.startswith(".") and p.stat().st_size > 100)
+        if attack == "missing-object":
+            victim.unlink()
+            expected = ObjectMissingError
+        else:
+            os.chmod(victim, 0o644)
+            victim.write_bytes(b"X" + victim.read_bytes()[1:])
+            expected = ObjectCorruptError
+    with pytest.raises(expected):
+        up.stage(device_storage.root, rev, trust_of(key))
+    assert snapshot(device_storage) == before
+    # recorded under the number the (unverified) state claims
+    record = up.read_progress(device_storage.root, 7 if attack == "bad-signature" else 6)
+    if attack == "replay":
+        assert record is None
+    else:
+        assert record is not None and record.status == up.WONTGO and record.reason
+
+
+DISK_FULL = """
+import subprocess, sys
+from pathlib import Path
+root, rev, pub = map(Path, sys.argv[1:4])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(root / "storage")], check=True)
+from pvpy.store import Storage
+from pvpy.signing import TrustStore
+from pvpy import update as up
+from pvpy.errors import StoreError
+storage = Storage(root / "storage").ensure()
+small = storage.objects.put_bytes(b"the running revision")
+try:
+    up.stage(storage.root, rev, TrustStore.from_files([pub]))
+except StoreError as e:
+    print("error:", e)
+print("progress:", up.read_progress(storage.root, 6).status)
+print("objects:", sorted(storage.objects.names()) == [small], list(storage.objects.tmp.iterdir()))
+print("trails:", storage.revisions())
+"""
+
+
+@pytest.mark.root
+def test_disk_full_while_staging_is_error_and_cleaned(tmp_path: Path, key: SigningKey, key_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    rev = write_revision(tmp_path / "r", 6, [key], blobs={"big": os.urandom(3 << 20)})
+    (tmp_path / "storage").mkdir()
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", DISK_FULL,
+         str(tmp_path), str(rev), str(key_dir / "pvpy.pub")],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "error: store object: no space left on device" in out
+    assert "progress: ERROR" in out
+    assert "objects: True []" in out
+    assert "trails: []" in out
+
+
+def test_highest_revision_counts_committed_records(device_storage: Storage) -> None:
+    assert up.highest_revision(device_storage) == 5
+    up.write_progress(device_storage.root, 9, up.DONE, "committed")
+    up.write_progress(device_storage.root, 12, up.WONTGO, "bad signature")
+    assert up.highest_revision(device_storage) == 9  # a refused number is not used up
+
+
+# -- in the sandbox ------------------------------------------------------------------
+
+IDLE = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
+COMMIT = ("--commit-delay", "1", "--commit-timeout", "8")
+
+
+def revisions(tmp_path: Path, keys: Path) -> dict[str, Path]:
+    data = {"rootfs": {"dir": str(Path(HOSTOS["rootfs"]["dir"]).parent / "hello"), "all_root": True},
+            "args": ["/usr/bin/hello"],
+            "volumes": [{"name": "data", "target": "/data", "persistence": "permanent"}]}
+    base = {"hostos": HOSTOS, "steady": app(IDLE), "counter": data}
+    return {
+        "v1": build_revision(tmp_path, keys, 1, {**base, "web": app("echo v1; " + IDLE)}),
+        "v2": build_revision(tmp_path, keys, 2, {**base, "web": app("echo v2; " + IDLE)}),
+        "crash": build_revision(tmp_path, keys, 3, {**base, "web": app("exit 1", restart={
+            "policy": "always", "backoff_initial_ms": "100ms"})}),
+        "bsp": build_revision(tmp_path, keys, 4, {
+            **base, "hostos": {**HOSTOS, "args": ["/sbin/init", "new"]},
+            "web": app("echo v4; " + IDLE)}),
+        "badbsp": build_revision(tmp_path, keys, 5, {
+            **base, "hostos": {**HOSTOS, "args": ["/bin/sh", "-c", "exit 7"]},
+            "web": app("echo v5; " + IDLE)}),
+    }
+
+
+def pids(status: dict[str, Any]) -> dict[str, int]:
+    return {c["name"]: c["pid"] for c in status["containers"]}
+
+
+@pytest.mark.root
+def test_app_update_rollback_and_reboot_update(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    revs = revisions(tmp_path, signing_dir)
+    device = sandbox(revs["v1"], *COMMIT)
+    before = pids(device.wait_goals())
+
+    # app-only: just web restarts, the others keep their processes
+    result = pvpy("device", "update", revs["v2"], "--storage", device.storage, timeout=90)
+    assert "UPDATED" in result.stdout
+    after = device.wait_goals()
+    assert after["revision"] == 2 and after["committed"] == 2
+    now = pids(after)
+    assert now["web"] != before["web"]
+    assert {k: v for k, v in now.items() if k != "web"} == {k: v for k, v in before.items() if k != "web"}
+
+    # a crash-looping app: rolled back without a reboot, reported ERROR
+    result = pvpy("device", "update", revs["crash"], "--storage", device.storage, check=False, timeout=90)
+    assert result.returncode == 3 and "ERROR rolled back: web exited" in result.stdout
+    back = device.wait_for("v2 back", lambda s: s["updating"] is None and s["all_goals_met"])
+    assert back["revision"] == 2 and back["committed"] == 2
+    assert {k: v for k, v in pids(back).items() if k != "web"} == {
+        k: v for k, v in now.items() if k != "web"}
+
+    # an older revision: refused, nothing changes
+    result = pvpy("device", "update", revs["v1"], "--storage", device.storage, check=False)
+    assert result.returncode == 3 and "not newer" in result.stderr
+    assert device.status()["revision"] == 2
+
+    # host OS change: try-boot, TESTING, commit, DONE
+    result = pvpy("device", "update", revs["bsp"], "--storage", device.storage, timeout=120)
+    assert "DONE" in result.stdout and "TESTING" in result.stdout
+    done = device.wait_goals()
+    assert done["revision"] == 4 and done["committed"] == 4 and done["try"] is None
+    assert [e.get("event") for e in device.events()].count("reboot") >= 1
+
+    # a host OS that dies in its try boot: back on 4, 5 reported ERROR
+    result = pvpy("device", "update", revs["badbsp"], "--storage", device.storage, check=False,
+                  timeout=120)
+    assert result.returncode == 3 and "ERROR" in result.stdout
+    final = device.wait_goals()
+    assert final["revision"] == 4 and final["committed"] == 4 and final["try"] is None
+    states = {u["revision"]: u["status"] for u in final["updates"]}
+    assert states == {2: "UPDATED", 3: "ERROR", 4: "DONE", 5: "ERROR"}
+    # permanent data survived every update and reboot: the counter only grew
+    runs = int((device.storage / "disks/permanent/counter/volumes/data/runs").read_text())
+    assert runs >= 3
+
+    # user rollback: to the newest good revision before the running one
+    result = pvpy("device", "rollback", "--storage", device.storage, timeout=120)
+    assert "rolling back to revision 2" in result.stdout
+    rolled = device.wait_goals()
+    assert rolled["revision"] == 2 and rolled["committed"] == 2

@@ -316,7 +316,7 @@ class Init:
             paths = Paths(storage=self.storage, run=self.run_dir)
             cgroup_parent = "pvpy" if not self.sandbox else f"pvpy-{self.run_dir.name}"
             runtime = Runtime(paths, self.args.runtime, cgroup_parent=cgroup_parent)
-            self.supervisor = Supervisor(state, runtime, on_device_request=self.request)
+            self.supervisor = Supervisor(state, runtime, on_device_request=self.on_device_request)
             self.revision = revision
             log.info("booting revision", revision=revision, trying=self.args.trying)
             self.reconcile_updates(revision)
@@ -718,6 +718,17 @@ class Init:
                 log.error("supervisor wedged: no longer feeding the watchdog")
 
     # -- 6. shutdown -----------------------------------------------------------------------
+
+    def on_device_request(self, action: str, reason: str) -> None:
+        """The supervisor asks for a reboot/power off (the host OS ended or failed).
+
+        While an update is testing, that is the update failing: record it and
+        roll back first, so the next boot does not try it again.
+        """
+        u = self.update
+        if u is not None and u.phase == "testing" and action == "reboot":
+            self.fail_update(u, reason)
+        self.request(action, reason)
 
     def request(self, action: str, reason: str) -> None:
         if self.pending is not None:

@@ -184,9 +184,9 @@ def run(storage_dir: Path, init_args: list[str], max_boots: int | None = None) -
             if choice.failed_try is not None:
                 argv += ["--failed-try", str(choice.failed_try)]
             status = _boot_once(argv + init_args)
-            # A simulated power cut happens once: the next boot runs without it.
-            os.environ.pop("PVPY_POWERCUT", None)
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == POWERCUT_EXIT:
+                # A simulated power cut happens once: later boots run without it.
+                os.environ.pop("PVPY_POWERCUT", None)
                 log.info("power cut", revision=choice.revision)
                 time.sleep(REBOOT_PAUSE)
                 continue

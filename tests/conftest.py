@@ -91,10 +91,16 @@ def sandbox(tmp_path: Path, demo_trees: Path, signing_dir: Path) -> Any:
 
     made: list[SandboxDevice] = []
 
-    def boot(revision_dir: Path, *extra: str, name: str = "dev", env: dict[str, str] | None = None) -> SandboxDevice:
+    def boot(
+        revision_dir: Path,
+        *extra: str,
+        name: str = "dev",
+        env: dict[str, str] | None = None,
+        trust: Path | None = None,
+    ) -> SandboxDevice:
         storage = tmp_path / name
         pvpy("device", "provision", "--storage", storage, "--state", revision_dir,
-             "--trust", signing_dir / "pvpy.pub")
+             "--trust", trust or signing_dir / "pvpy.pub")
         device = SandboxDevice(storage, tmp_path / f"{name}.log")
         made.append(device)
         return device.start(*extra, env=env)

@@ -24,7 +24,7 @@ from pvpy.signing import SigningKey, TrustStore, generate_key, sign_state
 from pvpy.state import State, canonical
 from pvpy.store import Storage
 from tests.conftest import minimal_state, write_revision
-from tests.device import HOSTOS, app, build_revision, pvpy
+from tests.device import BUSYBOX_TREE, HOSTOS, app, build_revision, pvpy
 
 # -- classify -------------------------------------------------------------------
 
@@ -188,6 +188,17 @@ IDLE = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
 COMMIT = ("--commit-delay", "1", "--commit-timeout", "8")
 
 
+def variant(tmp_path: Path, name: str, script: str, **extra: Any) -> dict[str, Any]:
+    """An app on its own image (busybox + a marker file): updating to it sends an object."""
+    import shutil
+
+    tree = tmp_path / "trees" / name
+    if not tree.exists():
+        shutil.copytree(BUSYBOX_TREE, tree, symlinks=True)
+        (tree / "etc" / "variant").write_text(name + "\n")
+    return {**app(script, **extra), "rootfs": {"dir": str(tree), "all_root": True}}
+
+
 def revisions(tmp_path: Path, keys: Path) -> dict[str, Path]:
     data = {"rootfs": {"dir": str(Path(HOSTOS["rootfs"]["dir"]).parent / "hello"), "all_root": True},
             "args": ["/usr/bin/hello"],
@@ -195,15 +206,17 @@ def revisions(tmp_path: Path, keys: Path) -> dict[str, Path]:
     base = {"hostos": HOSTOS, "steady": app(IDLE), "counter": data}
     return {
         "v1": build_revision(tmp_path, keys, 1, {**base, "web": app("echo v1; " + IDLE)}),
-        "v2": build_revision(tmp_path, keys, 2, {**base, "web": app("echo v2; " + IDLE)}),
-        "crash": build_revision(tmp_path, keys, 3, {**base, "web": app("exit 1", restart={
-            "policy": "always", "backoff_initial_ms": "100ms"})}),
+        "v2": build_revision(tmp_path, keys, 2, {
+            **base, "web": variant(tmp_path, "v2", "echo v2; " + IDLE)}),
+        "crash": build_revision(tmp_path, keys, 3, {**base, "web": variant(
+            tmp_path, "crash", "exit 1", restart={"policy": "always",
+                                                  "backoff_initial_ms": "100ms"})}),
         "bsp": build_revision(tmp_path, keys, 4, {
             **base, "hostos": {**HOSTOS, "args": ["/sbin/init", "new"]},
-            "web": app("echo v4; " + IDLE)}),
+            "web": variant(tmp_path, "v4", "echo v4; " + IDLE)}),
         "badbsp": build_revision(tmp_path, keys, 5, {
             **base, "hostos": {**HOSTOS, "args": ["/bin/sh", "-c", "exit 7"]},
-            "web": app("echo v5; " + IDLE)}),
+            "web": variant(tmp_path, "v5", "echo v5; " + IDLE)}),
     }
 
 

@@ -208,7 +208,7 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     if args.watchdog:
         init_args += ["--watchdog", args.watchdog,
                       "--watchdog-interval", str(args.watchdog_interval)]  # fmt: skip
-    return run(Path(args.storage), init_args, max_boots=args.max_boots)
+    return run(Path(args.storage), init_args, max_boots=args.max_boots, max_tries=args.max_tries)
 
 
 def cmd_device_verify_installed(args: argparse.Namespace) -> int:
@@ -427,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watchdog", metavar="PATH", help="watchdog device or test file")
     p.add_argument("--watchdog-interval", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--max-boots", type=int, help="stop after this many boots (tests)")
+    p.add_argument("--max-tries", type=int, default=1, metavar="N",
+                   help="boots a try revision gets to commit before it is abandoned (default 1)")
     p.add_argument("--commit-delay", type=float, default=25.0, metavar="SECONDS",
                    help="how long all goals must hold before an update commits (default 25)")
     p.add_argument("--commit-timeout", type=float, default=120.0, metavar="SECONDS",

@@ -326,13 +326,9 @@ class Init:
         self.reconcile_updates(None)
 
     def open_bootenv(self) -> Any:
-        from pvpy.bootenv.file import FileBootEnv
+        from pvpy.bootenv import open_bootenv
 
-        spec = self.args.bootenv or f"file:{self.storage / 'bootenv'}"
-        kind, _, where = spec.partition(":")
-        if kind == "file":
-            return FileBootEnv(Path(where))
-        raise ValueError(f"unknown boot environment {spec!r}")
+        return open_bootenv(self.args.bootenv or f"file:{self.storage / 'bootenv'}")
 
     def reconcile_updates(self, booted: int | None) -> None:
         """Make every update record tell the truth after a (re)boot.

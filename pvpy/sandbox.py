@@ -152,7 +152,9 @@ def _boot_once(argv: list[str]) -> int:
             signal.signal(s, h)
 
 
-def run(storage_dir: Path, init_args: list[str], max_boots: int | None = None) -> int:
+def run(
+    storage_dir: Path, init_args: list[str], max_boots: int | None = None, max_tries: int = 1
+) -> int:
     """Boot the sandboxed device until it powers off. Returns an exit code."""
     from pvpy.bootenv import choose_boot
     from pvpy.bootenv.file import FileBootEnv
@@ -170,7 +172,7 @@ def run(storage_dir: Path, init_args: list[str], max_boots: int | None = None) -
     try:
         while max_boots is None or boots < max_boots:
             boots += 1
-            choice = choose_boot(env)
+            choice = choose_boot(env, max_tries=max_tries)
             log.info("boot", n=boots, revision=choice.revision, trying=choice.trying)
             run_dir.mkdir(parents=True, exist_ok=True)
             argv = [

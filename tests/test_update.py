@@ -276,3 +276,14 @@ def test_app_update_rollback_and_reboot_update(tmp_path: Path, sandbox: Any, sig
     assert "rolling back to revision 2" in result.stdout
     rolled = device.wait_goals()
     assert rolled["revision"] == 2 and rolled["committed"] == 2
+
+
+def test_boot_counting_abandons_a_try_after_n_boots(tmp_path: Path) -> None:
+    from pvpy.bootenv import choose_boot, open_bootenv
+
+    env = open_bootenv(f"file:{tmp_path / 'bootenv'}")
+    env.write({"pv_rev": "3", "pv_try": "4"})
+    choices = [choose_boot(env, max_tries=3) for _ in range(4)]
+    assert [(c.revision, c.trying) for c in choices] == [(4, True), (4, True), (4, True), (3, False)]
+    assert choices[-1].failed_try == 4
+    assert env.read()["pv_bootcount"] == "3"

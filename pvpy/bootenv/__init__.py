@@ -22,7 +22,7 @@ from typing import Protocol
 
 from pvpy.errors import BootEnvError
 
-__all__ = ["BootChoice", "BootEnv", "BootEnvError", "choose_boot"]
+__all__ = ["BootChoice", "BootEnv", "BootEnvError", "choose_boot", "open_bootenv"]
 
 class BootEnv(Protocol):
     name: str
@@ -67,3 +67,31 @@ def choose_boot(env: BootEnv, max_tries: int = 1) -> BootChoice:
         return BootChoice(revision=rev, trying=False, failed_try=trying)
     env.write({"pv_trying": str(trying), "pv_bootcount": str(count + 1)})
     return BootChoice(revision=trying, trying=True)
+
+
+def open_bootenv(spec: str) -> BootEnv:
+    """A backend from its spec: ``file:PATH``, ``uboot:PATH[,REDUNDANT_PATH]``,
+    ``grub:PATH`` or ``rpi:BOOT_DIR``. Raises BootEnvError."""
+    from pathlib import Path
+
+    kind, _, where = spec.partition(":")
+    if not where:
+        raise BootEnvError(f"boot environment {spec!r}: expected KIND:PATH")
+    if kind == "file":
+        from pvpy.bootenv.file import FileBootEnv
+
+        return FileBootEnv(Path(where))
+    if kind == "uboot":
+        from pvpy.bootenv.uboot import UBootEnv
+
+        first, _, second = where.partition(",")
+        return UBootEnv(Path(first), redundant_path=Path(second) if second else None)
+    if kind == "grub":
+        from pvpy.bootenv.grub import GrubEnv
+
+        return GrubEnv(Path(where))
+    if kind == "rpi":
+        from pvpy.bootenv.rpi import RpiTryboot
+
+        return RpiTryboot(Path(where))
+    raise BootEnvError(f"unknown boot environment kind {kind!r} (file, uboot, grub, rpi)")

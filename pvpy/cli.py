@@ -205,6 +205,10 @@ def cmd_device_run(args: argparse.Namespace) -> int:
         "--commit-delay", str(args.commit_delay),
         "--commit-timeout", str(args.commit_timeout),
     ]  # fmt: skip
+    if args.api or args.api_tcp:
+        init_args.append("--api")
+    if args.api_tcp:
+        init_args += ["--api-tcp", args.api_tcp]
     if args.watchdog:
         init_args += ["--watchdog", args.watchdog,
                       "--watchdog-interval", str(args.watchdog_interval)]  # fmt: skip
@@ -424,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--storage", required=True, metavar="DIR")
     p.add_argument("--runtime", default="crun", choices=("crun", "runc"))
+    p.add_argument("--api", action="store_true", help="serve the device API on a unix socket")
+    p.add_argument("--api-tcp", metavar="HOST:PORT",
+                   help="serve the device API on TCP too (token: STORAGE/config/api-token)")
     p.add_argument("--watchdog", metavar="PATH", help="watchdog device or test file")
     p.add_argument("--watchdog-interval", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--max-boots", type=int, help="stop after this many boots (tests)")

@@ -131,6 +131,10 @@ class Init:
         self.booted_at = time.monotonic()
         self.update: UpdateRun | None = None
         self.bootenv: Any = None
+        self.health_reported = False
+        self.api_pid: int | None = None
+        self.api_next = 0.0
+        self.api_failures = 0
 
     # -- 1. early mounts -------------------------------------------------------
 
@@ -450,6 +454,29 @@ class Init:
         if failure is not None:
             self.fail_update(u, failure)
 
+    def check_health(self) -> None:
+        """A factory revision that misses its goals cannot roll back: say ERROR, run on.
+
+        (A revision that came by update is judged while TESTING instead.)
+        """
+        from pvpy import update as up
+
+        sup = self.supervisor
+        if self.health_reported or sup is None or self.update is not None or self.pending:
+            return
+        if sup.group_index < len(sup.groups) or self.revision is None:
+            return  # still starting
+        failed = [n for n, m in sup.containers.items() if m.status == "FAILED"]
+        if not failed and not sup.goals_missed:
+            return
+        self.health_reported = True
+        if up.read_progress(self.storage, self.revision) is None:
+            up.write_progress(
+                self.storage, self.revision, up.ERROR,
+                f"factory revision failing (failed: {failed}, goals missed: {sup.goals_missed});"
+                " nothing older to roll back to, keeps running",
+            )  # fmt: skip
+
     def commit_update(self, u: UpdateRun) -> None:
         from pvpy import update as up
 
@@ -636,6 +663,33 @@ class Init:
 
     # -- 5. the loop --------------------------------------------------------------------
 
+    def ensure_api(self, now: float) -> None:
+        """Keep the API server process running (it is never part of PID 1).
+
+        Restarted with backoff when it dies; a hostile client can at worst
+        kill that process, never stall this loop.
+        """
+        if not self.args.api or self.api_pid is not None or self.pending or now < self.api_next:
+            return
+        from pvpy import _run
+
+        argv = [sys.executable, "-m", "pvpy", "device", "api",
+                "--storage", str(self.storage), "--run-dir", str(self.run_dir)]  # fmt: skip
+        if self.args.api_tcp:
+            argv += ["--tcp", self.args.api_tcp]
+            argv += ["--token-file", str(self.storage / "config" / "api-token")]
+        try:
+            self.api_pid = _run.spawn(argv, new_session=True)
+            log.info("api server started", pid=self.api_pid, tcp=self.args.api_tcp)
+        except Exception as e:
+            log.error("api server cannot start", error=str(e))
+            self.api_exited(now)
+
+    def api_exited(self, now: float) -> None:
+        self.api_pid = None
+        self.api_failures += 1
+        self.api_next = now + min(2 ** min(self.api_failures, 5), 30)
+
     def reap(self) -> None:
         while True:
             try:
@@ -644,6 +698,10 @@ class Init:
                 return
             if pid == 0:
                 return
+            if pid == self.api_pid:
+                log.warning("api server exited", status=os.waitstatus_to_exitcode(status))
+                self.api_exited(time.monotonic())
+                continue
             if self.supervisor is None or not self.supervisor.on_exit(pid, status):
                 log.debug("reaped", pid=pid, status=status)
 
@@ -668,12 +726,13 @@ class Init:
             self.supervisor.tick()
         now = time.monotonic()
         self.check_update(now)
+        self.check_health()
+        self.ensure_api(now)
         for conn, (_, since) in list(self.clients.items()):
             if now - since > CLIENT_TIMEOUT:
                 self._drop_client(conn)
         if self.pending and (
-            self.supervisor is None
-            or self.supervisor.all_stopped()
+            ((self.supervisor is None or self.supervisor.all_stopped()) and self.api_pid is None)
             or now >= self.shutdown_deadline
         ):
             self.finish()
@@ -732,6 +791,9 @@ class Init:
         log.info("shutdown requested", action=action, reason=reason)
         self.pending = action
         self.pending_reason = reason
+        if self.api_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.api_pid, signal.SIGTERM)
         longest = 0.0
         if self.supervisor is not None:
             longest = max(
@@ -810,6 +872,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watchdog", default="/dev/watchdog", help="watchdog device")
     p.add_argument("--watchdog-interval", type=float, default=5.0, help="seconds between feeds")
     p.add_argument("--bootenv", help="boot environment, e.g. file:/storage/bootenv")
+    p.add_argument("--api", action="store_true",
+                   help="run the device API server (unix socket RUN_DIR/api.sock)")
+    p.add_argument("--api-tcp", metavar="HOST:PORT",
+                   help="also serve the API on TCP (bearer token in STORAGE/config/api-token)")
     p.add_argument("--commit-delay", type=float, default=25.0,
                    help="seconds all goals must hold before an update commits")
     p.add_argument("--commit-timeout", type=float, default=120.0,

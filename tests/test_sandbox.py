@@ -351,3 +351,23 @@ def test_no_runnable_revision_keeps_pid1_up(tmp_path: Path, sandbox: Any, signin
     time.sleep(1)
     assert device.status()["pid"] == 1  # still there, still answering
     assert device.stop() == 0
+
+
+def test_failing_factory_revision_reports_error_and_runs_on(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
+    idle = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
+    rev = build_revision(tmp_path, signing_dir, 1, {
+        "hostos": HOSTOS,
+        "fine": app(idle),
+        "broken": app("exit 2", restart={"policy": "on-failure", "max_retries": 1,
+                                         "backoff_initial_ms": "100ms"}),
+    })
+    device = sandbox(rev)
+    status = device.wait_for("the factory revision reported", lambda s: bool(s["updates"]))
+    record = status["updates"][0]
+    assert record["revision"] == 1 and record["status"] == "ERROR"
+    assert "factory revision failing" in record["reason"] and "broken" in record["reason"]
+    assert status["revision"] == 1 and status["pending"] is None
+    fine = next(c for c in status["containers"] if c["name"] == "fine")
+    assert fine["status"] == "STARTED"

@@ -67,11 +67,18 @@ def squash_dir(src: Path, out: Path, compression: str = "gzip", all_root: bool =
         "mksquashfs", str(src), str(out),
         "-noappend", "-no-progress", "-quiet",
         "-comp", compression,
-        "-mkfs-time", "0", "-all-time", "0",
     ]  # fmt: skip
+    # Every time 0, for reproducible images. mksquashfs refuses -mkfs-time and
+    # -all-time while SOURCE_DATE_EPOCH is set (pvpy build honours it, _run
+    # passes it on): then say the same through it, an epoch of 0 clamps all.
+    env = None
+    if "SOURCE_DATE_EPOCH" in os.environ:
+        env = {"SOURCE_DATE_EPOCH": "0"}
+    else:
+        argv += ["-mkfs-time", "0", "-all-time", "0"]
     if all_root:
         argv.append("-all-root")
-    _run.run(argv)
+    _run.run(argv, env=env)
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -113,17 +120,34 @@ def extract_tar(archive: Path | BinaryIO, dest: Path, *, oci_whiteouts: bool = F
                             _remove(child)
                 else:
                     victim = parent / base[len(".wh.") :]
-                    if not _inside(dest, victim.parent):
+                    # ".wh..." would name parent/.. (pathlib keeps ".."): refuse it.
+                    if base in (".wh.", ".wh..", ".wh...") or not _inside(dest, victim.parent):
                         raise SpecError(f"whiteout outside the image: {m.name}")
                     _remove(victim)
                 continue
             regular.append(m)
         try:
-            # The "tar" filter refuses absolute names, "..", and writes that
-            # would land outside dest through a symlink; it keeps ownership.
-            tf.extractall(dest, members=regular, filter="tar")
-        except (tarfile.TarError, OSError) as e:
+            tf.extractall(dest, members=regular, filter=_rootfs_filter)
+        except (tarfile.TarError, OSError, KeyError) as e:
+            # KeyError: a hard link to a name the archive does not hold.
             raise SpecError(f"cannot extract: {e}") from e
+
+
+def _rootfs_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "tar" filter (refuses "..", and writes that would land outside
+    dest through a symlink; keeps ownership), plus what it lets through:
+    absolute names are refused, not stripped; hard links must point inside dest
+    (else os.link would pull a host file into the image, and later writes or
+    chmods to the link would change the host file). Modes are kept as is: a
+    rootfs needs its setuid bits and its sticky, world-writable /tmp.
+    """
+    if member.name.startswith(("/", os.sep)):
+        raise tarfile.AbsolutePathError(member)
+    if member.islnk():
+        target = os.path.join(dest, member.linkname)
+        if os.path.isabs(member.linkname) or not _inside(Path(dest), Path(target)):
+            raise tarfile.LinkOutsideDestinationError(member, os.path.realpath(target))
+    return tarfile.tar_filter(member, dest).replace(mode=member.mode, deep=False)
 
 
 def _remove(path: Path) -> None:

@@ -7,6 +7,7 @@ and the tail of stderr.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -79,10 +80,12 @@ def spawn(
 ) -> int:
     """Start ``argv`` without waiting; return its pid. The caller reaps it.
 
-    The child gets a clean signal mask and default handlers for every signal
-    (PID 1 must not pass its own signal setup on), stdin from /dev/null, and
-    its own session so a signal to our process group does not reach it.
-    Raises CommandError when the program cannot be started.
+    The child gets an empty signal mask and the default action for every
+    signal (PID 1 must not pass its own signal setup on), stdin from
+    /dev/null, and its own session so a signal to our process group does not
+    reach it. fork+exec rather than posix_spawn: glibc's posix_spawn leaves
+    its internal signals 32 and 33 ignored in the child, and ignored signals
+    survive exec. Raises CommandError when the program cannot be started.
     """
     import signal
 
@@ -90,26 +93,36 @@ def spawn(
     from pvpy.log import get_logger
 
     get_logger("run").debug("spawn", argv=args)
-    actions: list[tuple[int, ...]] = []
+    environment = child_env(env)
+    catchable = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)  # exec failures come back here
     devnull = os.open(os.devnull, os.O_RDONLY)
-    try:
-        actions.append((os.POSIX_SPAWN_DUP2, devnull, 0))
-        if stdout is not None:
-            actions.append((os.POSIX_SPAWN_DUP2, stdout, 1))
-        if stderr is not None:
-            actions.append((os.POSIX_SPAWN_DUP2, stderr, 2))
-        catchable = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+    pid = os.fork()
+    if pid == 0:  # the child: reset, redirect, exec; never return
         try:
-            return os.posix_spawnp(
-                args[0],
-                args,
-                child_env(env),
-                file_actions=actions,
-                setsigmask=(),
-                setsigdef=catchable,
-                setsid=new_session,
-            )
-        except OSError as e:
-            raise CommandError(args, 127, f"{args[0]}: {e.strerror}") from e
+            os.close(report_r)
+            for sig in catchable:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            if new_session:
+                os.setsid()
+            os.dup2(devnull, 0)
+            if stdout is not None:
+                os.dup2(stdout, 1)
+            if stderr is not None:
+                os.dup2(stderr, 2)
+            os.execvpe(args[0], args, environment)
+        except BaseException as e:
+            with contextlib.suppress(BaseException):
+                os.write(report_w, f"{args[0]}: {getattr(e, 'strerror', None) or e}".encode())
+        os._exit(127)
+    os.close(report_w)
+    os.close(devnull)
+    try:
+        problem = os.read(report_r, 4096)
     finally:
-        os.close(devnull)
+        os.close(report_r)
+    if problem:
+        os.waitpid(pid, 0)
+        raise CommandError(args, 127, problem.decode(errors="replace"))
+    return pid

@@ -371,3 +371,32 @@ def test_failing_factory_revision_reports_error_and_runs_on(
     assert status["revision"] == 1 and status["pending"] is None
     fine = next(c for c in status["containers"] if c["name"] == "fine")
     assert fine["status"] == "STARTED"
+
+
+def test_signal_policy_and_clean_signal_mask(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    # The app prints its signal mask and ignored set: PID 1's must not leak into it.
+    rev = build_revision(tmp_path, signing_dir, 1, {
+        "hostos": HOSTOS,
+        "sigs": app("grep -E '^Sig(Blk|Ign)' /proc/self/status; sleep 3600"),
+    })
+    device = sandbox(rev, "--max-boots", "2")
+    device.wait_goals()
+    log = device.storage / "logs" / "sigs.log"
+    device.wait_for("the app's signal report", lambda _: "SigIgn" in (
+        log.read_text() if log.exists() else ""))
+    masks = dict(line.split(":") for line in log.read_text().splitlines() if line.startswith("Sig"))
+    assert int(masks["SigBlk"], 16) == 0
+    # (the shell itself ignores nothing here; crun sets no handlers)
+    assert int(masks["SigIgn"], 16) == 0
+    # SIGTERM to PID 1 means reboot: the launcher boots a second time
+    os.kill(device.pid1(), signal.SIGTERM)
+    device.wait_for("the second boot", lambda s: s["uptime"] < 5 and sum(
+        e.get("event") == "boot" for e in device.events()) == 2, timeout=60)
+    device.wait_goals()
+    # SIGUSR1 means halt: the sandbox ends (it was the last allowed boot anyway)
+    os.kill(device.pid1(), signal.SIGUSR1)
+    assert device.proc is not None
+    assert device.proc.wait(60) == 0
+    events = device.events()
+    assert any(e.get("event") == "goodbye" and e.get("action") == "reboot" for e in events)
+    assert any(e.get("event") == "goodbye" and e.get("action") == "halt" for e in events)

@@ -233,28 +233,12 @@ def cmd_device_verify_installed(args: argparse.Namespace) -> int:
 def control_request(
     storage: Path, request: dict[str, object], timeout: float = 10
 ) -> dict[str, Any]:
-    """One request to a running sandbox's PID 1 over its control socket."""
-    import json
-    import socket
-
+    """One request to a running sandbox's PID 1; raises DeviceError unless ok."""
+    from pvpy import control
     from pvpy.errors import DeviceError
     from pvpy.sandbox import run_dir_for
 
-    path = run_dir_for(storage) / "control.sock"
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError as e:
-        raise DeviceError(f"no running device for {storage} ({e.strerror or e})") from e
-    reply: dict[str, Any] = json.loads(data)
+    reply = control.request(run_dir_for(storage) / "control.sock", dict(request), timeout)
     if not reply.get("ok"):
         raise DeviceError(str(reply.get("error")))
     return reply

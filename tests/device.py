@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from pvpy import control
+from pvpy.errors import DeviceError
 from pvpy.sandbox import run_dir_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,18 +100,7 @@ class SandboxDevice:
         return self
 
     def request(self, request: dict[str, Any], timeout: float = 5) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(self.run_dir / "control.sock"))
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        reply: dict[str, Any] = json.loads(data)
-        return reply
+        return control.request(self.run_dir / "control.sock", request, timeout)
 
     def status(self) -> dict[str, Any]:
         return self.request({"cmd": "status"})
@@ -118,7 +108,7 @@ class SandboxDevice:
     def try_status(self) -> dict[str, Any] | None:
         try:
             return self.status()
-        except (OSError, ValueError):
+        except DeviceError:
             return None
 
     def container(self, name: str) -> dict[str, Any]:

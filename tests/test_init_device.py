@@ -7,10 +7,8 @@ there, as on a board before init. Everything dies with the namespace.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pvpy import control
+from pvpy.errors import DeviceError
 from pvpy.signing import generate_key, sign_state
 from pvpy.state import canonical
 
@@ -102,19 +102,8 @@ def _status(sock: Path) -> dict[str, object]:
     deadline = time.monotonic() + 20
     while True:
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(5)
-                s.connect(str(sock))
-                s.sendall(b'{"cmd": "status"}\n')
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-            reply: dict[str, object] = json.loads(data)
-            return reply
-        except (OSError, ValueError):
+            return control.request(sock, {"cmd": "status"}, timeout=5)
+        except DeviceError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)

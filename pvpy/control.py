@@ -1,0 +1,44 @@
+"""Client of PID 1's control socket: one JSON line out, one JSON line back.
+
+Used by the CLI, the API server and the tests; the server side is
+``pvpy.init.Init.handle``. Local and root only (the socket is mode 0600).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from pvpy.errors import DeviceError
+
+MAX_REPLY = 16 * 1024 * 1024
+
+
+def request(sock_path: Path, message: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
+    """Send ``message``, return PID 1's reply (whatever its "ok").
+
+    Raises DeviceError when nothing answers at ``sock_path`` or the reply is
+    not a JSON object.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(sock_path))
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n") and len(data) < MAX_REPLY:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError as e:
+        raise DeviceError(f"no device answers at {sock_path} ({e.strerror or e})") from e
+    try:
+        reply = json.loads(data)
+    except ValueError as e:
+        raise DeviceError(f"bad reply from {sock_path}") from e
+    if not isinstance(reply, dict):
+        raise DeviceError(f"bad reply from {sock_path}")
+    return reply

@@ -247,7 +247,12 @@ def control_request(
 def cmd_device_status(args: argparse.Namespace) -> int:
     import json
 
-    status = control_request(Path(args.storage), {"cmd": "status"})
+    if (args.url is None) == (args.storage is None):
+        raise UsageError("give the device as a URL or as --storage DIR (one of them)")
+    if args.url is not None:
+        status = _remote(args).call("GET", "/v1/status")
+    else:
+        status = control_request(Path(args.storage), {"cmd": "status"})
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -312,6 +317,51 @@ def cmd_device_update(args: argparse.Namespace) -> int:
     if args.no_wait:
         return 0
     return follow_update(storage, state.revision, args.timeout)
+
+
+def _remote(args: argparse.Namespace, timeout: float = 30.0) -> Any:
+    """The device at args.url; the token from --token, --token-file or $PVPY_API_TOKEN."""
+    from pvpy.remote import Device
+
+    token = getattr(args, "token", None) or os.environ.get("PVPY_API_TOKEN")
+    token_file = getattr(args, "token_file", None)
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise UsageError(f"--token-file {token_file}: {e.strerror}") from e
+    return Device(args.url, token, timeout=timeout, cacert=getattr(args, "cacert", None))
+
+
+def cmd_device_push(args: argparse.Namespace) -> int:
+    from pvpy.remote import push
+
+    return push(_remote(args), Path(args.state), timeout=args.timeout, wait=not args.no_wait,
+                say=lambda line: print(line, flush=True))  # fmt: skip
+
+
+def cmd_device_logs(args: argparse.Namespace) -> int:
+    from pvpy.remote import logs_path
+
+    device = _remote(args)
+    out = sys.stdout.buffer
+    for chunk in device.stream(logs_path(args.container, args.tail, args.follow)):
+        out.write(chunk)
+        out.flush()
+    return 0
+
+
+def cmd_device_api(args: argparse.Namespace) -> int:
+    """PID 1 runs this (``Init.ensure_api``); it serves until SIGTERM."""
+    from pvpy.api import Limits, serve
+
+    limits = Limits(max_connections=args.max_connections, max_object=args.max_object,
+                    head_timeout=args.head_timeout, client_timeout=args.client_timeout)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    tls = (Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert else None
+    serve(Path(args.storage), Path(args.run_dir), tcp=args.tcp,
+          token_file=Path(args.token_file) if args.token_file else None, limits=limits, tls=tls)
 
 
 def cmd_device_rollback(args: argparse.Namespace) -> int:
@@ -442,10 +492,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="do not follow the progress")
     p.add_argument("--timeout", type=float, default=300, metavar="SECONDS")
     p.set_defaults(func=cmd_device_rollback)
-    p = dev.add_parser("status", help="status of a running sandbox device")
-    p.add_argument("--storage", required=True, metavar="DIR")
+    p = dev.add_parser(
+        "status", help="status of a running device: a sandbox (--storage) or one at a URL",
+        description="URL: http(s)://HOST:PORT (token: --token, --token-file or "
+        "$PVPY_API_TOKEN) or unix:/path/to/api.sock.",
+    )
+    p.add_argument("url", nargs="?", metavar="URL", help="the device API")
+    p.add_argument("--storage", metavar="DIR", help="a sandbox device's storage")
+    _token_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_device_status)
+    p = dev.add_parser(
+        "push",
+        help="send a signed revision to a device over its API; follows it to the end",
+        description="Asks the device which objects it lacks, uploads only those (progress on "
+        "stderr), posts the signed state and prints the update's progress. Exit 0 when UPDATED "
+        "or DONE, 3 when refused (WONTGO) or rolled back (ERROR).",
+    )
+    p.add_argument("url", metavar="URL", help="http(s)://HOST:PORT or unix:/path/to/api.sock")
+    p.add_argument("state", metavar="SIGNED_DIR")
+    _token_options(p)
+    p.add_argument("--no-wait", action="store_true", help="do not follow the progress")
+    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS")
+    p.set_defaults(func=cmd_device_push)
+    p = dev.add_parser("logs", help="a device's container logs over its API (tail, follow)")
+    p.add_argument("url", metavar="URL", help="http(s)://HOST:PORT or unix:/path/to/api.sock")
+    p.add_argument("container", nargs="?", help="one container (default: all, prefixed)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    p.add_argument("-n", "--tail", type=int, default=100, metavar="LINES",
+                   help="lines of each log to start with (default 100)")
+    _token_options(p)
+    p.set_defaults(func=cmd_device_logs)
+    p = dev.add_parser(
+        "api", help="(device) serve the device API; PID 1 runs it",
+        description="HTTP/1.1 on RUN_DIR/api.sock (root only) and, with --tcp, on TCP with "
+        "a bearer token (STORAGE/config/api-token, mode 0600). See docs/openapi.yaml.",
+    )
+    p.add_argument("--storage", required=True, metavar="DIR")
+    p.add_argument("--run-dir", required=True, metavar="DIR")
+    p.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="bearer token for TCP (default STORAGE/config/api-token)")
+    p.add_argument("--max-connections", type=int, default=32, metavar="N",
+                   help="connections per listener; more get 503 (default 32)")
+    p.add_argument("--max-object", type=int, default=1 << 30, metavar="BYTES",
+                   help="largest upload no pending signed state names (default 1 GiB)")
+    p.add_argument("--head-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="time a client has to send a request head (default 10)")
+    p.add_argument("--client-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="longest silence while a body or reply moves (default 30)")
+    p.add_argument("--tls-cert", metavar="PEM",
+                   help="TLS on TCP with this certificate (default: STORAGE/config/api-cert.pem "
+                   "and api-key.pem when both exist)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.set_defaults(func=cmd_device_api)
     for verb, text in (("reboot", "reboot the device"), ("poweroff", "power the device off"),
                        ("halt", "halt the device")):
         p = dev.add_parser(verb, help=text)
@@ -465,6 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _token_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--token", help="API bearer token (TCP; visible in ps: prefer the others)")
+    group.add_argument("--token-file", metavar="FILE", help="file holding the API bearer token")
+    p.add_argument("--cacert", metavar="PEM",
+                   help="https: trust this CA or device certificate (default: the system's)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["init"]:
@@ -476,8 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pvpy.log import configure
 
-    # The sandbox narrates boots; other commands print results, logs only warnings.
-    quiet = "info" if (args.noun, args.verb) == ("device", "run") else "warning"
+    # The sandbox narrates boots and the API server its requests (into the device's
+    # log); other commands print results, logs only warnings.
+    narrating = (args.noun, args.verb) in (("device", "run"), ("device", "api"))
+    quiet = "info" if narrating else "warning"
     configure(level="debug" if args.verbose else os.environ.get("PVPY_LOG_LEVEL", quiet))
     func: Handler = args.func
     try:

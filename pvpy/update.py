@@ -28,9 +28,10 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pvpy.errors import (
     ManifestError,
@@ -42,8 +43,11 @@ from pvpy.errors import (
     TrustError,
 )
 from pvpy.log import get_logger
-from pvpy.state.model import State
+from pvpy.state.model import ObjectRef, State
 from pvpy.store import Storage, write_atomic
+
+if TYPE_CHECKING:  # pvpy.trust pulls the crypto, which PID 1 (importing us) never loads
+    from pvpy.trust import VerifiedRevision
 
 log = get_logger("update")
 
@@ -200,27 +204,35 @@ def highest_revision(storage: Storage) -> int:
     return max([0, *storage.revisions(), *known])
 
 
-def stage(storage_dir: Path, source: Path, trust: Any) -> State:
-    """Verify a signed revision dir and install it into the storage (not applied).
+def verify_incoming(
+    storage: Storage, state_bytes: bytes, sig_bytes: bytes, keyset: bytes | None, trust: Any
+) -> VerifiedRevision:
+    """Trust first, before a single object is taken: signature, schema, anti-rollback,
+    expiry. Returns the VerifiedRevision; a refusal is recorded WONTGO and re-raised."""
+    from pvpy.trust import verify_revision
 
-    Records WONTGO (refused: signature, key, rollback, schema, bad object) or
-    ERROR (failed: storage, disk full) and re-raises; on any failure the
-    objects this call added are removed again and no trail is left.
-    """
-    from pvpy.trust import read_revision_dir, verify_revision
-
-    storage = Storage(Path(storage_dir)).ensure()
-    storage.clean_temp()
-    state_bytes, sig_bytes, keyset = read_revision_dir(Path(source))
-    # Trust first, before a single byte is copied: signature, schema, version.
     try:
-        verified = verify_revision(
+        return verify_revision(
             state_bytes, sig_bytes, trust, objects=None,
             current_revision=highest_revision(storage), keyset_bytes=keyset,
         )  # fmt: skip
     except (TrustError, ManifestError) as e:
         _refuse_unparsed(storage, state_bytes, str(e))
         raise
+
+
+def install_verified(
+    storage: Storage,
+    verified: VerifiedRevision,
+    keyset: bytes | None,
+    fetch: Callable[[ObjectRef], BinaryIO] | None = None,
+) -> None:
+    """Take the objects a verified revision lacks from ``fetch`` (None: they must be
+    in the store already, uploaded by the API), check every object, install the
+    trail. Records QUEUED, DOWNLOADING, INPROGRESS "staged"; on failure removes
+    the objects it added (and a corrupt stored one no installed revision needs),
+    records WONTGO (bad input) or ERROR (the device failed) and re-raises.
+    """
     revision = verified.revision
     write_progress(storage.root, revision, QUEUED, "verified signature and schema")
     refs = list(verified.state.objects().values())
@@ -229,21 +241,26 @@ def stage(storage_dir: Path, source: Path, trust: Any) -> State:
     added: list[str] = []
     done = 0
     try:
-        src = Path(source) / "objects"
+        if missing and fetch is None:
+            raise ObjectMissingError(
+                f"{len(missing)} object(s) not uploaded, first {missing[0].sha256}"
+            )
         for ref in missing:
+            assert fetch is not None
             write_progress(storage.root, revision, DOWNLOADING, f"object {ref.sha256[:12]}",
                            percent=done * 100 // total)  # fmt: skip
-            try:
-                with open(src / ref.sha256, "rb") as f:
-                    storage.objects.put_stream(f, expected=ref.sha256, max_size=ref.size)
-            except FileNotFoundError as e:
-                raise ObjectMissingError(f"object {ref.sha256} is missing") from e
+            with fetch(ref) as f:
+                storage.objects.put_stream(f, expected=ref.sha256, max_size=ref.size)
             added.append(ref.sha256)
             done += ref.size
             persist_point("stage:object")
         for ref in refs:  # objects we already had are checked too
-            storage.objects.verify(ref.sha256, size=ref.size)
-        storage.install_revision(revision, state_bytes, sig_bytes)
+            try:
+                storage.objects.verify(ref.sha256, size=ref.size)
+            except ObjectCorruptError:
+                _drop_added(storage, [ref.sha256])  # so that the next push sends it again
+                raise
+        storage.install_revision(revision, verified.state_bytes, verified.signature_bytes)
         if keyset is not None:
             write_atomic(storage.root / "progress" / f"{revision}.keys.json", keyset)
         persist_point("stage:trail")
@@ -254,6 +271,29 @@ def stage(storage_dir: Path, source: Path, trust: Any) -> State:
         write_progress(storage.root, revision, WONTGO if refused else ERROR, str(e))
         raise
     write_progress(storage.root, revision, INPROGRESS, "staged", percent=100)
+
+
+def stage(storage_dir: Path, source: Path, trust: Any) -> State:
+    """Verify a signed revision dir and install it into the storage (not applied).
+
+    Records WONTGO (refused: signature, key, rollback, schema, bad object) or
+    ERROR (failed: storage, disk full) and re-raises; on any failure the
+    objects this call added are removed again and no trail is left.
+    """
+    from pvpy.trust import read_revision_dir
+
+    storage = Storage(Path(storage_dir)).ensure()
+    storage.clean_temp()
+    state_bytes, sig_bytes, keyset = read_revision_dir(Path(source))
+    verified = verify_incoming(storage, state_bytes, sig_bytes, keyset, trust)
+
+    def fetch(ref: ObjectRef) -> BinaryIO:
+        try:
+            return open(Path(source) / "objects" / ref.sha256, "rb")
+        except FileNotFoundError as e:
+            raise ObjectMissingError(f"object {ref.sha256} is missing") from e
+
+    install_verified(storage, verified, keyset, fetch)
     return verified.state
 
 

@@ -43,7 +43,10 @@ def fails(code: int, *args: str | Path) -> str:
 @pytest.mark.parametrize(
     "command",
     [[], ["key"], ["key", "gen"], ["key", "keyset"], ["state"], ["state", "build"],
-     ["state", "sign"], ["state", "verify"], ["state", "show"]],
+     ["state", "sign"], ["state", "verify"], ["state", "show"], ["device"],
+     ["device", "provision"], ["device", "run"], ["device", "status"], ["device", "update"],
+     ["device", "rollback"], ["device", "push"], ["device", "logs"], ["device", "api"],
+     ["device", "restart"], ["device", "reboot"]],
 )
 def test_help_everywhere(command: list[str]) -> None:
     result = pvpy(*command, "--help")

@@ -1,0 +1,548 @@
+"""The device API (pvpy.api) and the workstation client (pvpy.remote, `pvpy device push`).
+
+The root tests boot a real sandbox device and talk to a real `pvpy device api`
+process over TCP: either the one PID 1 starts (`--api-tcp`), or one started here
+with small limits against the device's run dir (so its control socket is PID 1's).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import json
+import os
+import secrets
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pvpy import api
+from pvpy.errors import (
+    ManifestError,
+    ObjectCorruptError,
+    ObjectNameError,
+    RollbackError,
+    SignatureError,
+    StoreError,
+    UsageError,
+)
+from pvpy.remote import Device
+from tests.device import BUSYBOX_TREE, HOSTOS, SandboxDevice, app, build_revision, pvpy
+
+REPO = Path(__file__).resolve().parent.parent
+OPENAPI = REPO / "docs" / "openapi.yaml"
+IDLE = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
+COMMIT = ("--commit-delay", "1", "--commit-timeout", "8")
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def provision_token(storage: Path) -> str:
+    token = secrets.token_urlsafe(32)
+    path = storage / "config" / "api-token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token
+
+
+class Client:
+    """Raw HTTP to the API (http.client never normalizes a path: "../" goes as sent)."""
+
+    def __init__(self, port: int, token: str | None) -> None:
+        self.port = port
+        self.token = token
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None,
+        headers: dict[str, str] | None = None, token: str | None = "default", timeout: float = 30,
+    ) -> tuple[int, Any]:  # fmt: skip
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        hdrs = dict(headers or {})
+        bearer = self.token if token == "default" else token
+        if bearer is not None:
+            hdrs["Authorization"] = f"Bearer {bearer}"
+        try:
+            conn.request(method, path, body=body, headers=hdrs)
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        if response.getheader("Content-Type", "").startswith("application/json") and data:
+            return response.status, json.loads(data)
+        return response.status, data
+
+    def json(self, method: str, path: str, doc: Any, **kw: Any) -> tuple[int, Any]:
+        return self.request(method, path, json.dumps(doc).encode(),
+                            {"Content-Type": "application/json"}, **kw)  # fmt: skip
+
+
+def wait_api(client: Client, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.request("GET", "/v1/revisions", timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("the API did not come up")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def api_process(storage: Path, run_dir: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`pvpy device api` run by the test (not by PID 1), SIGTERM at the end."""
+    log = open(storage.parent / f"api-{port}.log", "ab")  # noqa: SIM115 - owned by the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pvpy", "device", "api", "--storage", str(storage),
+         "--run-dir", str(run_dir), "--tcp", f"127.0.0.1:{port}", *extra],
+        stdout=log, stderr=log,
+    )  # fmt: skip
+    log.close()
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def objects_on(storage: Path) -> tuple[set[str], list[str]]:
+    objects = storage / "objects"
+    names = {p.name for p in objects.iterdir() if not p.name.startswith(".")}
+    return names, sorted(p.name for p in (objects / ".tmp").iterdir())
+
+
+def pids(status: dict[str, Any]) -> dict[str, int]:
+    return {c["name"]: c["pid"] for c in status["containers"]}
+
+
+def sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- without a device --------------------------------------------------------------------
+
+
+def test_errors_map_to_statuses_in_one_place() -> None:
+    assert api.http_status(ObjectNameError("x")) == (400, "store")
+    assert api.http_status(ObjectCorruptError("x")) == (422, "store")
+    assert api.http_status(RollbackError("x")) == (409, "trust")
+    assert api.http_status(SignatureError("x")) == (403, "trust")
+    assert api.http_status(ManifestError("x")) == (422, "manifest")
+    assert api.http_status(StoreError("x")) == (500, "store")
+    assert api.http_status(UsageError("x")) == (400, "usage")
+
+
+def test_posted_files_as_text_or_base64() -> None:
+    raw = b'{"a":"\xc3\xa9"}'
+    body = {"state": raw.decode(), "signature": {"base64": base64.b64encode(b"sig").decode()}}
+    assert api.parse_revision_body(body, 100) == (raw, b"sig", None)
+    for bad, status in (({"state": "x", "signature": 1}, 400),
+                        ({"state": "x", "signature": "y", "extra": 1}, 400),
+                        ({"state": "\ud800", "signature": "y"}, 400),
+                        ({"state": {"base64": "!!"}, "signature": "y"}, 400),
+                        ({"state": "x" * 101, "signature": "y"}, 413)):  # fmt: skip
+        with pytest.raises(api.ApiError) as e:
+            api.parse_revision_body(bad, 100)
+        assert e.value.status == status
+
+
+def test_device_urls() -> None:
+    assert Device("unix:/run/pvpy/api.sock").unix_path == "/run/pvpy/api.sock"
+    d = Device("http://10.0.0.2:8080")
+    assert (d.host, d.port, d.unix_path) == ("10.0.0.2", 8080, None)
+    for bad in ("ftp://x", "http://", "unix:", "10.0.0.2:80"):
+        with pytest.raises(UsageError):
+            Device(bad)
+    assert api.parse_hostport("[::1]:80") == ("::1", 80)
+    with pytest.raises(UsageError):
+        api.parse_hostport("host:²")
+
+
+def test_uploads_and_tokens_without_pid1(tmp_path: Path) -> None:
+    """The storage half of the API needs no PID 1: objects, revisions, tokens, names."""
+    storage, run_dir, port = tmp_path / "storage", tmp_path / "run", free_port()
+    token = provision_token(storage)
+    client = Client(port, token)
+    with api_process(storage, run_dir, port, "--max-object", "1000"):
+        wait_api(client)
+        assert stat.S_IMODE(os.stat(run_dir / "api.sock").st_mode) == 0o600
+        good = b"object bytes"
+        # no or a wrong token: 401 and nothing stored
+        for bad in (None, "wrong-token-wrong-token", token + "x", ""):
+            assert client.request("PUT", f"/v1/objects/{sha(good)}", good, token=bad)[0] == 401
+        assert client.request("GET", "/v1/nothing", token=None)[0] == 401  # no route probing
+        assert not (storage / "objects").exists() or objects_on(storage) == (set(), [])
+        # stored once, then idempotent
+        status, doc = client.request("PUT", f"/v1/objects/{sha(good)}", good)
+        assert (status, doc["created"]) == (201, True)
+        status, doc = client.request("PUT", f"/v1/objects/{sha(good)}", good)
+        assert (status, doc["created"]) == (200, False)
+        assert client.request("HEAD", f"/v1/objects/{sha(good)}")[0] == 200
+        assert client.request("HEAD", f"/v1/objects/{sha(b'other')}")[0] == 404
+        # bytes that do not hash to the name: refused, nothing stored, no temp file left
+        status, doc = client.request("PUT", f"/v1/objects/{sha(b'claimed')}", b"different")
+        assert status == 422 and "hash to" in doc["error"]
+        assert objects_on(storage) == ({sha(good)}, [])
+        # over --max-object (no pending state names it), and no Content-Length
+        assert client.request("PUT", f"/v1/objects/{sha(b'x' * 2000)}", b"x" * 2000)[0] == 413
+        assert raw_exchange(port, token, f"PUT /v1/objects/{sha(b'y')} HTTP/1.1\r\n"
+                            "Host: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\ny\r\n0\r\n\r\n"
+                            ).startswith(b"HTTP/1.1 411")  # fmt: skip
+        status, doc = client.json("POST", "/v1/objects/missing", {"objects": [sha(good), sha(b"z")]})
+        assert (status, doc) == (200, {"missing": [sha(b"z")]})
+        # the token file must be private: readable by others, nobody gets in
+        (storage / "config" / "api-token").chmod(0o644)
+        assert client.request("GET", "/v1/revisions")[0] == 401
+        (storage / "config" / "api-token").chmod(0o600)
+        assert client.request("GET", "/v1/revisions")[0] == 200
+        # no PID 1: what needs it says so, 503
+        status, doc = client.request("GET", "/v1/status")
+        assert status == 503 and "PID 1" in doc["error"]
+        # the unix socket needs no token (its mode is the guard)
+        out = pvpy("device", "status", f"unix:{run_dir / 'api.sock'}", check=False)
+        assert out.returncode == 10 and "PID 1 does not answer" in out.stderr
+    assert not (run_dir / "api.sock").exists()
+
+
+def self_signed(out: Path) -> tuple[Path, Path]:
+    """A device certificate for 127.0.0.1 (what a board would be provisioned with)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pvpy device")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "api-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "api-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (out / "api-key.pem").chmod(0o600)
+    return out / "api-cert.pem", out / "api-key.pem"
+
+
+def test_tls_with_a_device_certificate(tmp_path: Path) -> None:
+    """config/api-cert.pem + api-key.pem in the storage: TCP speaks TLS (no option needed)."""
+    import ssl
+
+    storage, run_dir, port = tmp_path / "storage", tmp_path / "run", free_port()
+    token = provision_token(storage)
+    cert, _ = self_signed(storage / "config")
+    storage.joinpath("logs").mkdir()
+    storage.joinpath("logs", "web.log").write_text("hello over tls\n")
+    url = f"https://127.0.0.1:{port}"
+    with api_process(storage, run_dir, port):
+        context = ssl.create_default_context(cafile=str(cert))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+                conn.request("GET", "/v1/revisions", headers={"Authorization": f"Bearer {token}"})
+                assert conn.getresponse().status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "no TLS listener"
+                time.sleep(0.2)
+        out = pvpy("device", "logs", url, "web", "--token", token, "--cacert", cert)
+        assert out.stdout == "hello over tls\n"
+        # the device is only trusted through its certificate; plain HTTP gets nothing
+        out = pvpy("device", "logs", url, "web", "--token", token, check=False)
+        assert out.returncode == 10 and "CERTIFICATE_VERIFY_FAILED" in out.stderr
+        assert pvpy("device", "logs", f"http://127.0.0.1:{port}", "--token", token,
+                    check=False).returncode == 10  # fmt: skip
+
+
+def raw_exchange(port: int, token: str | None, text: str, timeout: float = 10) -> bytes:
+    """Send raw bytes (an Authorization header is added); return the raw answer."""
+    head, _, rest = text.partition("\r\n")
+    if token is not None:
+        head += f"\r\nAuthorization: Bearer {token}"
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall((head + "\r\n" + rest).encode())
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                data += chunk
+                if b"\r\n\r\n" in data:
+                    break
+    return data
+
+
+# -- with a sandbox device ---------------------------------------------------------------
+
+
+def factory(tmp_path: Path, keys: Path) -> Path:
+    return build_revision(tmp_path, keys, 1, {
+        "hostos": HOSTOS, "steady": app(IDLE), "web": app("echo web v1; " + IDLE)})  # fmt: skip
+
+
+@pytest.mark.root
+def test_bad_input_and_floods_leave_pid1_alone(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    device: SandboxDevice = sandbox(factory(tmp_path, signing_dir))
+    before = device.wait_goals()
+    token, port = provision_token(device.storage), free_port()
+    client = Client(port, token)
+    with api_process(device.storage, device.run_dir, port, "--max-connections", "8",
+                     "--head-timeout", "2", "--max-object", "1048576"):  # fmt: skip
+        wait_api(client)
+        assert client.request("GET", "/v1/status")[1]["revision"] == 1
+        objects = objects_on(device.storage)
+
+        # no or a wrong token: 401, and nothing happens
+        for bad in (None, "not-the-token-at-all"):
+            assert client.request("POST", "/v1/commands/poweroff", token=bad)[0] == 401
+            assert client.request("POST", "/v1/containers/web/restart", token=bad)[0] == 401
+            assert client.json("POST", "/v1/revisions", {"state": "x", "signature": "y"},
+                               token=bad)[0] == 401  # fmt: skip
+            assert client.request("PUT", f"/v1/objects/{sha(b'a')}", b"a", token=bad)[0] == 401
+
+        # path traversal: refused before touching the filesystem
+        for path in ("/v1/objects/..%2F..%2Fetc%2Fpasswd", "/v1/objects/../../etc/passwd",
+                     f"/v1/objects/{sha(b'a').upper()}", "/v1/objects/" + "a" * 63,
+                     "/v1/logs/..%2F..%2Fetc%2Fpasswd", "/v1/logs/../../../etc/passwd",
+                     "/v1/logs/.hidden", "/v1/revisions/..", "/v1/containers/..%2Fx/restart"):
+            for method in ("GET", "HEAD", "PUT"):
+                status, doc = client.request(method, path, b"a" if method == "PUT" else None)
+                assert status in (400, 404, 405), (method, path, status)
+                assert b"root:" not in (doc if isinstance(doc, bytes) else json.dumps(doc).encode())
+
+        # an object whose bytes are not its name: refused, nothing stored
+        status, doc = client.request("PUT", f"/v1/objects/{sha(b'one')}", b"two")
+        assert status == 422
+        # malformed and oversized bodies: 4xx with a one-line reason
+        bad_bodies = [b"{", b"[]", b"null", b'{"state": 1, "signature": "x"}', b'{"x": 1}',
+                      b"[" * 100_000 + b"]" * 100_000, b'{"state": "\\ud800", "signature": "x"}',
+                      json.dumps({"state": json.dumps({"revision": 77}), "signature": "[]"}).encode()]
+        for body in bad_bodies:
+            for path in ("/v1/revisions", "/v1/objects/missing"):
+                status, doc = client.request("POST", path, body, {"Content-Type": "application/json"})
+                assert 400 <= status < 500 and "\n" not in doc["error"], (path, body[:40], doc)
+        huge = json.dumps({"state": "x" * (17 << 20), "signature": "y"}).encode()
+        assert client.request("POST", "/v1/revisions", huge)[0] == 413
+        assert raw_exchange(port, token, "POST /v1/revisions HTTP/1.1\r\nHost: x\r\n"
+                            f"Content-Length: {1 << 40}\r\n\r\n").startswith(b"HTTP/1.1 413")
+        assert raw_exchange(port, token, "POST /v1/revisions HTTP/1.1\r\nHost: x\r\n\r\n"
+                            ).startswith(b"HTTP/1.1 411")  # fmt: skip
+        assert raw_exchange(port, token, f"PUT /v1/objects/{sha(b'big')} HTTP/1.1\r\nHost: x\r\n"
+                            f"Content-Length: {2 << 20}\r\n\r\n").startswith(b"HTTP/1.1 413")
+        assert raw_exchange(port, token, "GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
+        assert objects_on(device.storage) == objects
+        # a state that parses but is not signed: refused and recorded WONTGO
+        assert client.request("GET", "/v1/revisions/77")[1]["status"] == "WONTGO"
+
+        # slow clients: 8 idle connections fill the listener; the next gets 503 at once,
+        # PID 1 does not notice, and the idle ones are cut after --head-timeout
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        try:
+            time.sleep(0.3)
+            started = time.monotonic()
+            assert client.request("GET", "/v1/revisions", timeout=5)[0] == 503
+            assert time.monotonic() - started < 2
+            assert device.status()["revision"] == 1
+            for s in idle:
+                s.settimeout(6)
+                assert s.recv(100) == b""  # closed by the server
+        finally:
+            for s in idle:
+                s.close()
+        time.sleep(0.5)
+        assert client.request("GET", "/v1/revisions")[0] == 200
+
+        # 50 clients at once: each is served or refused with a 503, quickly
+        results: list[int | str] = []
+
+        def one() -> None:
+            try:
+                results.append(client.request("GET", "/v1/status", timeout=20)[0])
+            except Exception as e:
+                results.append(repr(e))
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=one) for _ in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert time.monotonic() - started < 30
+        assert len(results) == 50 and set(results) <= {200, 503}, results
+        assert results.count(200) >= 8
+
+        # PID 1 is unaffected: same revision, same container processes, no shutdown
+        after = device.status()
+        assert after["revision"] == 1 and after["pending"] is None
+        assert pids(after) == pids(before)
+        assert client.request("GET", "/v1/status")[0] == 200
+
+
+def variant(tmp_path: Path, name: str, script: str, **extra: Any) -> dict[str, Any]:
+    """An app on its own image (busybox + a marker file): pushing it sends one object."""
+    import shutil
+
+    tree = tmp_path / "trees" / name
+    if not tree.exists():
+        shutil.copytree(BUSYBOX_TREE, tree, symlinks=True)
+        (tree / "etc" / "variant").write_text(name + "\n")
+    return {**app(script, **extra), "rootfs": {"dir": str(tree), "all_root": True}}
+
+
+@pytest.mark.root
+def test_push_over_tcp_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    base = {"hostos": HOSTOS, "steady": app(IDLE)}
+    v1 = factory(tmp_path, signing_dir)
+    v2 = build_revision(tmp_path, signing_dir, 2, {**base, "web": variant(tmp_path, "v2", "echo web v2; " + IDLE)})
+    v3 = build_revision(tmp_path, signing_dir, 3, {  # the same images: nothing to send
+        **base, "web": variant(tmp_path, "v2", "echo web v3; " + IDLE, env={"V": "3"})})
+    crash = build_revision(tmp_path, signing_dir, 4, {**base, "web": variant(
+        tmp_path, "crash", "exit 1", restart={"policy": "always", "backoff_initial_ms": "100ms"})})
+
+    port = free_port()
+    device: SandboxDevice = sandbox(v1, *COMMIT, "--api-tcp", f"127.0.0.1:{port}")
+    token = provision_token(device.storage)  # read by the API when it changes: no restart
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    url = f"http://127.0.0.1:{port}"
+    before = pids(device.wait_goals())
+    wait_api(Client(port, token))
+
+    # an app update: only web restarts; the objects go once
+    out = pvpy("device", "push", url, v2, "--token-file", token_file, timeout=120)
+    assert "revision 2: UPDATED" in out.stdout, out.stdout
+    assert "1 missing" in out.stdout and "sent 1 object(s)" in out.stdout
+    now = pids(device.wait_goals())
+    assert now["web"] != before["web"] and now["steady"] == before["steady"]
+    assert now["hostos"] == before["hostos"]
+
+    # the same images again: nothing is sent
+    out = pvpy("device", "push", url, v3, "--token", token, timeout=120)
+    assert "0 missing (0 B)" in out.stdout and "sent 0 object(s), 0 B" in out.stdout
+    assert "revision 3: UPDATED" in out.stdout
+    good = pids(device.wait_goals())
+
+    # a crash-looping app: rolled back, ERROR, exit 3; the others keep running
+    out = pvpy("device", "push", url, crash, "--token-file", token_file, check=False, timeout=120)
+    assert out.returncode == 3 and "revision 4: ERROR rolled back" in out.stdout, out.stdout + out.stderr
+    back = device.wait_for("3 back", lambda s: s["updating"] is None and s["all_goals_met"])
+    assert back["revision"] == 3 and back["committed"] == 3
+    assert pids(back)["steady"] == good["steady"]
+
+    # an older revision: refused (WONTGO), exit 3, no upload, nothing changes
+    out = pvpy("device", "push", url, v1, "--token-file", token_file, check=False)
+    assert out.returncode == 3 and "not newer" in out.stderr and "missing" not in out.stdout
+    assert "device refused revision 1" in out.stderr, out.stderr
+    assert device.status()["revision"] == 3
+    # without the token: refused, exit 10
+    out = pvpy("device", "push", url, v2, check=False)
+    assert out.returncode == 10 and "401" in out.stderr
+
+    # status and logs, over TCP and over the unix socket (no token there)
+    out = pvpy("device", "status", url, "--token", token)
+    assert "running    3" in out.stdout and "steady" in out.stdout and "UPDATED" in out.stdout
+    assert "running    3" in pvpy("device", "status", f"unix:{device.run_dir / 'api.sock'}").stdout
+    assert "web v3" in pvpy("device", "logs", url, "web", "--token", token).stdout
+    assert "web| web v3" in pvpy("device", "logs", url, "--token", token, "-n", "5").stdout
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "pvpy", "device", "logs", url, "web", "-f", "-n", "0", "--token", token],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        time.sleep(1)
+        Client(port, token).request("POST", "/v1/containers/web/restart")
+        line = b""
+        deadline = time.monotonic() + 20
+        assert follower.stdout is not None
+        os.set_blocking(follower.stdout.fileno(), False)
+        while b"web v3" not in line and time.monotonic() < deadline:
+            line += follower.stdout.read() or b""
+            time.sleep(0.1)
+        assert b"web v3" in line
+    finally:
+        follower.kill()
+        follower.wait()
+    device.wait_goals()
+    states = {r["revision"]: r["status"] for r in
+              Client(port, token).request("GET", "/v1/revisions")[1]["revisions"]}  # fmt: skip
+    # 1 was garbage-collected after 3 committed: its refused push left a WONTGO record
+    assert states == {1: "WONTGO", 2: "UPDATED", 3: "UPDATED", 4: "ERROR"}
+
+
+@pytest.mark.root
+def test_fuzz_the_api_from_its_openapi_document(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    device: SandboxDevice = sandbox(factory(tmp_path, signing_dir))
+    before = device.wait_goals()
+    token, port = provision_token(device.storage), free_port()
+    client = Client(port, token)
+    base_url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {token}"}
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+              response_schema_conformance]  # fmt: skip
+    # Reboot and power off would end the device under test; a follow never ends.
+    schema = schemathesis.openapi.from_path(str(OPENAPI)).exclude(tag="commands")
+    with api_process(device.storage, device.run_dir, port):
+        wait_api(client)
+        started = time.monotonic()
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            fixed = {"follow": "false"} if operation.path.startswith("/v1/logs") else None
+            for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+                strategy = operation.as_strategy(generation_mode=mode, query=fixed)
+
+                @settings(max_examples=40, deadline=None, database=None,
+                          phases=[Phase.explicit, Phase.generate],
+                          suppress_health_check=list(HealthCheck))  # fmt: skip
+                @given(case=strategy)
+                def run(case: Any) -> None:
+                    response = case.call(base_url=base_url, headers=headers, timeout=15)
+                    case.validate_response(response, checks=checks)
+
+                run()
+        assert time.monotonic() - started < 240
+        # still serving, PID 1 unaffected
+        assert client.request("GET", "/v1/status")[0] == 200
+        after = device.status()
+        assert after["revision"] == 1 and after["pending"] is None
+        assert pids(after)["steady"] == pids(before)["steady"]

@@ -312,8 +312,8 @@ def cmd_device_update(args: argparse.Namespace) -> int:
     state = stage(storage, Path(args.state), load_trust(storage))
     print(f"revision {state.revision}: staged")
     reply = control_request(storage, {"cmd": "update", "revision": state.revision})
-    print(f"revision {state.revision}: {reply.get('kind')} update"
-          + (f", restarting {', '.join(reply['changed'])}" if reply.get("changed") else ""))
+    print(f"revision {state.revision}: handed to PID 1 (it verifies, then applies)")
+    del reply
     if args.no_wait:
         return 0
     return follow_update(storage, state.revision, args.timeout)
@@ -367,7 +367,7 @@ def cmd_device_api(args: argparse.Namespace) -> int:
 def cmd_device_rollback(args: argparse.Namespace) -> int:
     storage = Path(args.storage)
     reply = control_request(storage, {"cmd": "rollback"})
-    print(f"rolling back to revision {reply['revision']} ({reply.get('kind')} change)")
+    print(f"rolling back to revision {reply['revision']}")
     if args.no_wait:
         return 0
     return follow_update(storage, int(reply["revision"]), args.timeout)

@@ -34,6 +34,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -133,6 +134,8 @@ class Init:
         self.bootenv: Any = None
         self.health_reported = False
         self.api_pid: int | None = None
+        self.verifiers: dict[int, tuple[int, Callable[[int, str | None], None], int]] = {}
+        self.boot_candidates: list[int] = []
         self.api_next = 0.0
         self.api_failures = 0
 
@@ -267,8 +270,13 @@ class Init:
 
     # -- 4. boot -----------------------------------------------------------------
 
-    def verify_in_child(self, revision: int) -> str | None:
-        """Verify an installed revision in a separate process. None when good."""
+    def start_verify(self, revision: int, done: Callable[[int, str | None], None]) -> None:
+        """Verify an installed revision in a child process; ``done(revision, problem)``
+        runs from the loop when it exits (problem None when good).
+
+        The crypto and the hashing of every object happen there, never in
+        PID 1, and the loop keeps running meanwhile (signals, watchdog, API).
+        """
         from pvpy import _run
 
         argv = [sys.executable, "-m", "pvpy", "device", "verify-installed",
@@ -278,18 +286,29 @@ class Init:
             pid = _run.spawn(argv, stderr=write_fd, new_session=False)
         except Exception as e:
             os.close(read_fd)
-            return str(e)
+            done(revision, str(e))
+            return
         finally:
             os.close(write_fd)
-        chunks = []
-        while chunk := os.read(read_fd, 65536):
-            chunks.append(chunk)
+        os.set_blocking(read_fd, False)
+        self.verifiers[pid] = (revision, done, read_fd)
+
+    def verifier_exited(self, pid: int, status: int) -> bool:
+        entry = self.verifiers.pop(pid, None)
+        if entry is None:
+            return False
+        revision, done, read_fd = entry
+        try:
+            output = os.read(read_fd, 65536)  # one error line: fits the pipe
+        except OSError:
+            output = b""
         os.close(read_fd)
-        _, status = os.waitpid(pid, 0)
-        if status == 0:
-            return None
-        lines = b"".join(chunks).decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else f"verifier {os.waitstatus_to_exitcode(status)}"
+        problem = None
+        if status != 0:
+            lines = output.decode(errors="replace").strip().splitlines()
+            problem = lines[-1] if lines else f"verifier {os.waitstatus_to_exitcode(status)}"
+        done(revision, problem)
+        return True
 
     def candidates(self) -> list[int]:
         """The boot revision first, then older installed ones, newest first."""
@@ -300,34 +319,43 @@ class Init:
         return [boot, *others] if boot is not None else others
 
     def boot(self) -> None:
+        """Start verifying the boot candidates, one after the other (see ``boot_verified``)."""
+        from pvpy.store import Storage
+
+        Storage(self.storage).clean_temp()
+        self.bootenv = self.open_bootenv()
+        self.boot_candidates = self.candidates()
+        self.boot_next()
+
+    def boot_next(self) -> None:
+        if not self.boot_candidates:
+            log.error("no revision can run; staying up without containers", reason=self.boot_error)
+            self.reconcile_updates(None)
+            return
+        self.start_verify(self.boot_candidates.pop(0), self.boot_verified)
+
+    def boot_verified(self, revision: int, problem: str | None) -> None:
         from pvpy.runtime import Paths, Runtime
         from pvpy.state import canonical
         from pvpy.state.model import State
         from pvpy.store import Storage
         from pvpy.supervisor import Supervisor
 
-        storage = Storage(self.storage)
-        storage.clean_temp()
-        self.bootenv = self.open_bootenv()
-        for revision in self.candidates():
-            problem = self.verify_in_child(revision)
-            if problem is not None:
-                log.error("revision refused", revision=revision, reason=problem)
-                self.boot_error = f"revision {revision}: {problem}"
-                continue
-            state_bytes, _ = storage.read_trail(revision)
-            state = State.from_dict(canonical.decode(state_bytes))
-            paths = Paths(storage=self.storage, run=self.run_dir)
-            cgroup_parent = "pvpy" if not self.sandbox else f"pvpy-{self.run_dir.name}"
-            runtime = Runtime(paths, self.args.runtime, cgroup_parent=cgroup_parent)
-            self.supervisor = Supervisor(state, runtime, on_device_request=self.on_device_request)
-            self.revision = revision
-            log.info("booting revision", revision=revision, trying=self.args.trying)
-            self.reconcile_updates(revision)
-            self.supervisor.start()
+        if problem is not None:
+            log.error("revision refused", revision=revision, reason=problem)
+            self.boot_error = f"revision {revision}: {problem}"
+            self.boot_next()
             return
-        log.error("no revision can run; staying up without containers", reason=self.boot_error)
-        self.reconcile_updates(None)
+        state_bytes, _ = Storage(self.storage).read_trail(revision)
+        state = State.from_dict(canonical.decode(state_bytes))
+        paths = Paths(storage=self.storage, run=self.run_dir)
+        cgroup_parent = "pvpy" if not self.sandbox else f"pvpy-{self.run_dir.name}"
+        runtime = Runtime(paths, self.args.runtime, cgroup_parent=cgroup_parent)
+        self.supervisor = Supervisor(state, runtime, on_device_request=self.on_device_request)
+        self.revision = revision
+        log.info("booting revision", revision=revision, trying=self.args.trying)
+        self.reconcile_updates(revision)
+        self.supervisor.start()
 
     def open_bootenv(self) -> Any:
         from pvpy.bootenv import open_bootenv
@@ -377,20 +405,38 @@ class Init:
             self.update.testing_since = time.monotonic()
 
     def begin_update(self, revision: int) -> dict[str, Any]:
-        """Apply an installed (staged) revision: restart what changed, or try-boot."""
-        from pvpy import update as up
-        from pvpy.state import canonical
-        from pvpy.state.model import State
+        """Apply an installed (staged) revision: verify it in a child first; the rest
+        happens in ``update_verified`` when that child exits."""
         from pvpy.store import Storage
 
         if self.update is not None:
             return {"ok": False, "error": f"update to {self.update.revision} in progress"}
         if self.pending is not None or self.supervisor is None:
             return {"ok": False, "error": "device is not running a revision"}
-        problem = self.verify_in_child(revision)
+        if not Storage(self.storage).has_revision(revision):
+            return {"ok": False, "error": f"revision {revision} is not installed"}
+        from pvpy import update as up
+
+        # a fresh record: a rollback re-applies a revision whose old record is final
+        up.write_progress(self.storage, revision, up.INPROGRESS, "verifying before applying")
+        self.update = UpdateRun(revision, "", "verifying")
+        self.start_verify(revision, self.update_verified)
+        return {"ok": True, "accepted": revision}
+
+    def update_verified(self, revision: int, problem: str | None) -> None:
+        """The installed revision verified (or not): restart what changed, or try-boot."""
+        from pvpy import update as up
+        from pvpy.state import canonical
+        from pvpy.state.model import State
+        from pvpy.store import Storage
+
+        self.update = None
         if problem is not None:
             up.write_progress(self.storage, revision, up.WONTGO, problem)
-            return {"ok": False, "error": problem}
+            return
+        if self.pending is not None or self.supervisor is None:
+            up.write_progress(self.storage, revision, up.ERROR, "device went down before it")
+            return
         state_bytes, _ = Storage(self.storage).read_trail(revision)
         new_state = State.from_dict(canonical.decode(state_bytes))
         change = up.classify(self.supervisor.state, new_state)
@@ -400,14 +446,13 @@ class Init:
             self.bootenv.write({"pv_try": str(revision), "pv_trying": None, "pv_bootcount": "0"})
             up.persist_point("reboot:try")
             self.request("reboot", f"update to revision {revision}")
-            return {"ok": True, "kind": change.kind}
+            return
         restart = set(change.changed) | set(change.removed)
         up.write_progress(self.storage, revision, up.INPROGRESS,
                           f"restarting {sorted(restart | set(change.added))}",
                           kind=up.KIND_APP)  # fmt: skip
         self.update = UpdateRun(revision, up.KIND_APP, "switching", self.supervisor.state)
         self.supervisor.switch(new_state, restart)
-        return {"ok": True, "kind": change.kind, "changed": sorted(restart | set(change.added))}
 
     def check_update(self, now: float) -> None:
         """Drive the update under way: switching -> testing -> commit or roll back."""
@@ -615,7 +660,9 @@ class Init:
     def status(self) -> dict[str, Any]:
         from pvpy import update as up
 
-        sup = self.supervisor.status() if self.supervisor else {"containers": []}
+        sup = self.supervisor.status() if self.supervisor else {
+            "containers": [], "all_goals_met": False, "goals_missed": [], "group": None,
+        }  # fmt: skip
         env: dict[str, str] = {}
         with contextlib.suppress(Exception):
             env = self.bootenv.read() if self.bootenv else {}
@@ -698,6 +745,8 @@ class Init:
                 return
             if pid == 0:
                 return
+            if self.verifier_exited(pid, status):
+                continue
             if pid == self.api_pid:
                 log.warning("api server exited", status=os.waitstatus_to_exitcode(status))
                 self.api_exited(time.monotonic())

@@ -102,8 +102,12 @@ def _status(sock: Path) -> dict[str, object]:
     deadline = time.monotonic() + 20
     while True:
         try:
-            return control.request(sock, {"cmd": "status"}, timeout=5)
+            status = control.request(sock, {"cmd": "status"}, timeout=5)
+            if status.get("revision") is not None:  # booted (verification is async)
+                return status
         except DeviceError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.1)
+        if time.monotonic() > deadline:
+            raise AssertionError("PID 1 did not boot its revision")
+        time.sleep(0.1)

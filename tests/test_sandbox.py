@@ -286,8 +286,9 @@ def test_readiness_checks_and_group_timeout(tmp_path: Path, sandbox: Any, signin
                      readiness={"type": "file", "path": "/nope"}),
     }, groups=[{"name": "root"}, {"name": "platform", "timeout_ms": "2s"}, {"name": "app"}])
     device = sandbox(rev)
-    status = device.wait_for("the app group ready", lambda s: all(
-        c["status"] == "READY" for c in s["containers"] if c["name"].startswith("by-")), timeout=40)
+    status = device.wait_for("the app group ready", lambda s: [
+        c["status"] for c in s["containers"] if c["name"].startswith("by-")] == ["READY"] * 4,
+        timeout=40)
     assert status["goals_missed"] == ["never"]
     assert not status["all_goals_met"]
     never = next(c for c in status["containers"] if c["name"] == "never")

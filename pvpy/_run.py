@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from pvpy.errors import CommandError
+
+if TYPE_CHECKING:
+    import subprocess
 
 # Only these variables of the caller's environment reach a child.
 ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "HOME", "SOURCE_DATE_EPOCH")
@@ -46,6 +49,8 @@ def run(
     Raises CommandError when the program is missing, times out, or (with
     ``check``) exits non-zero.
     """
+    import subprocess  # workstation tools only: PID 1 uses call(), without this module
+
     args = [str(a) for a in argv]
     from pvpy.log import get_logger
 
@@ -126,3 +131,42 @@ def spawn(
         os.waitpid(pid, 0)
         raise CommandError(args, 127, problem.decode(errors="replace"))
     return pid
+
+
+def call(argv: Sequence[str], *, timeout: float = 30, check: bool = True) -> int:
+    """Run ``argv`` to completion with no output kept but stderr's tail; return
+    its exit code. For PID 1: built on ``spawn`` and ``waitpid(pid)``, so the
+    subprocess module (about 1 MB) never loads there. Raises CommandError when
+    it cannot start, times out, or (with ``check``) exits non-zero.
+    """
+    import select
+    import signal
+    import time
+
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = spawn(argv, stdout=write_fd, stderr=write_fd, new_session=False)
+    finally:
+        os.close(write_fd)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise CommandError([str(a) for a in argv], -1, f"timed out after {timeout}s")
+            ready, _, _ = select.select([read_fd], [], [], left)
+            if ready:
+                chunk = os.read(read_fd, 65536)
+                if not chunk:
+                    break
+                output = (output + chunk)[-8192:]
+    finally:
+        os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if check and code != 0:
+        raise CommandError([str(a) for a in argv], code, output.decode(errors="replace"))
+    return code

@@ -258,7 +258,7 @@ class Runtime:
             target.mkdir(parents=True, exist_ok=True)
             image = self.paths.storage / "objects" / sha256
             try:
-                _run.run(["mount", "-t", "squashfs", "-o", "loop,ro", str(image), str(target)])
+                _run.call(["mount", "-t", "squashfs", "-o", "loop,ro", str(image), str(target)])
             except CommandError as e:
                 raise ContainerError(f"{user}: cannot mount image {sha256[:12]}: {e}") from e
         self._image_users.setdefault(sha256, set()).add(user)
@@ -367,13 +367,13 @@ class Runtime:
 
     def kill(self, name: str, signal_name: str = "TERM") -> None:
         try:
-            _run.run([*self._base(), "kill", name, signal_name], timeout=10)
+            _run.call([*self._base(), "kill", name, signal_name], timeout=10)
         except CommandError as e:
             log.debug("kill failed", container=name, error=str(e))
 
     def delete(self, name: str) -> None:
         try:
-            _run.run([*self._base(), "delete", "--force", name], timeout=10, check=False)
+            _run.call([*self._base(), "delete", "--force", name], timeout=10, check=False)
         except CommandError as e:
             log.debug("delete failed", container=name, error=str(e))
 

@@ -1,6 +1,7 @@
 """Thin ctypes wrappers for the Linux calls Python 3.11's os module lacks.
 
-unshare(2), setns(2), mount(2), umount2(2), reboot(2), prctl(PR_SET_CHILD_SUBREAPER).
+unshare(2), setns(2), mount(2), umount2(2), reboot(2), prctl(PR_SET_CHILD_SUBREAPER),
+finit_module(2).
 Each raises OSError with errno, like the os module does.
 """
 
@@ -32,6 +33,11 @@ MNT_DETACH = 2
 RB_AUTOBOOT = 0x01234567
 RB_HALT_SYSTEM = 0xCDEF0123
 RB_POWER_OFF = 0x4321FEDC
+
+MS_MOVE = 8192
+
+# finit_module(2) has no libc wrapper: the syscall number per machine.
+SYS_FINIT_MODULE = {"aarch64": 273, "x86_64": 313, "armv7l": 379, "riscv64": 273}
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -75,6 +81,16 @@ def umount(target: str, flags: int = 0) -> None:
 
 def reboot(cmd: int) -> None:
     _check(_libc().reboot(ctypes.c_uint(cmd)), "reboot")
+
+
+def finit_module(fd: int, params: str = "") -> None:
+    """Load the kernel module open on ``fd`` (EEXIST when it is loaded already)."""
+    number = SYS_FINIT_MODULE.get(os.uname().machine)
+    if number is None:
+        raise OSError(38, f"finit_module: unknown syscall number on {os.uname().machine}")
+    libc = _libc()
+    _check(libc.syscall(ctypes.c_long(number), ctypes.c_int(fd), params.encode(),
+                        ctypes.c_int(0)), "finit_module")  # fmt: skip
 
 
 def set_child_subreaper() -> None:

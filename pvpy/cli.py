@@ -382,6 +382,30 @@ def cmd_device_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- image, qemu ----------------------------------------------------------------
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from pvpy.image import build_image
+
+    b = build_image(args.board, Path(args.out), spec=Path(args.spec) if args.spec else None,
+                    key=Path(args.key) if args.key else None,
+                    cache=Path(args.cache) if args.cache else None)  # fmt: skip
+    took = sum(b.timings.values())
+    print(f"image {b.disk} ({b.board.name}, revision {b.revision}, {b.kernel_package}) "
+          f"in {took:.1f}s")  # fmt: skip
+    print(f"next: pvpy qemu run {b.out}")
+    return 0
+
+
+def cmd_qemu_run(args: argparse.Namespace) -> int:
+    from pvpy.qemu import run
+
+    return run(Path(args.image), args.port or None, args.timeout, args.until,
+               Path(args.log) if args.log else None, quiet=args.quiet,
+               no_reboot=args.no_reboot)  # fmt: skip
+
+
 # --- parser ------------------------------------------------------------------
 
 
@@ -562,6 +586,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", required=True)
     p.add_argument("--revision", type=int, required=True)
     p.set_defaults(func=cmd_device_verify_installed)
+
+    image = nouns.add_parser("image", help="board images: build").add_subparsers(
+        dest="verb", metavar="<verb>", required=True
+    )
+    p = image.add_parser(
+        "build", help="build a board's disk image with a signed factory revision",
+        description="Fetches the board's Debian arm64 packages (cached), builds the initramfs "
+        "(python, pvpy, crun) and kernel as the revision's BSP, signs it, provisions the "
+        "storage and writes disk.img + the bootloader files. Installs missing Debian host "
+        "tools with apt-get.",
+    )  # fmt: skip
+    p.add_argument("--board", required=True, help="boards/<name> (e.g. qemu-arm64) or a dir")
+    p.add_argument("--out", required=True, metavar="DIR_OR_IMG")
+    p.add_argument("--spec", help="revision spec (default examples/demo/spec.yaml)")
+    p.add_argument("--key", help="signing key (default: a new dev key in OUT/keys)")
+    p.add_argument("--cache", metavar="DIR", help="package cache (default ~/.cache/pvpy)")
+    p.set_defaults(func=cmd_image_build)
+
+    qemu = nouns.add_parser("qemu", help="boot an image in QEMU").add_subparsers(
+        dest="verb", metavar="<verb>", required=True
+    )
+    p = qemu.add_parser("run", help="boot an image of `image build` on qemu-system-aarch64")
+    p.add_argument("image", metavar="IMG", help="the image directory (or its disk.img)")
+    p.add_argument("--port", type=int, default=8022,
+                   help="host 127.0.0.1:PORT -> the guest's API port (0: none)")
+    p.add_argument("--timeout", type=float, help="stop QEMU after this many seconds (exit 124)")
+    p.add_argument("--until", metavar="REGEX", help="stop QEMU when the console shows this")
+    p.add_argument("--log", help="console log (default IMAGE_DIR/console.log)")
+    p.add_argument("--quiet", action="store_true", help="do not echo the console")
+    p.add_argument("--no-reboot", action="store_true",
+                   help="a reboot or watchdog reset ends QEMU")
+    p.set_defaults(func=cmd_qemu_run)
     return parser
 
 

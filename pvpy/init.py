@@ -239,6 +239,31 @@ class Init:
                 os.symlink(target, f"{root}/{name}")
         log.info("cgroup: hybrid host, sandbox uses the v1 hierarchies", hierarchies=len(v1))
 
+    def board_setup(self) -> None:
+        """On a board (``--board``): modules, storage, network, the boot choice.
+
+        The sandbox launcher passes the boot choice as flags; on a board the
+        bootloader passes it on the kernel command line (boards/*/boot.cmd).
+        The watchdog is opened again: its driver is one of the modules.
+        """
+        from pvpy import board
+
+        config = board.load(Path(self.args.board))
+        choice = board.boot_choice(Path("/proc/cmdline").read_text())
+        board.load_modules(config)
+        board.mount_storage(config, self.storage, choice.storage)
+        self.mounted.append(str(self.storage))
+        board.setup_network(config)
+        if self.args.boot_revision is None:
+            self.args.boot_revision = choice.revision
+            self.args.trying = choice.trying
+            self.args.failed_try = choice.failed_try
+        log.info("boot choice", revision=choice.revision, trying=choice.trying,
+                 failed_try=choice.failed_try)  # fmt: skip
+        if self.watchdog.fd is None and self.args.watchdog:
+            board.wait_for(self.args.watchdog, config.watchdog_timeout)
+            self.watchdog = Watchdog(self.args.watchdog, self.args.watchdog_interval)
+
     # -- 2. signals --------------------------------------------------------------
 
     def setup_signals(self) -> None:
@@ -893,6 +918,11 @@ class Init:
             self.setup_control()
         except Exception:
             log.exception("early setup failed; going on")
+        if self.args.board and not self.sandbox:
+            try:
+                self.board_setup()
+            except Exception:
+                log.exception("board setup failed; going on")
         try:
             self.boot()
         except Exception:
@@ -929,6 +959,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds all goals must hold before an update commits")
     p.add_argument("--commit-timeout", type=float, default=120.0,
                    help="seconds an update may take to meet its goals")
+    p.add_argument("--board", metavar="FILE",
+                   help="board mode (the image's /init): modules, storage, network and the "
+                   "boot choice from this board file and /proc/cmdline")
     p.add_argument("--log-level", default=None)
     return p
 
@@ -940,4 +973,11 @@ def main(argv: list[str]) -> NoReturn:
         # Device mode ends in reboot(2): on a workstation that would reboot it.
         sys.stderr.write("pvpy init: not PID 1; use `pvpy device run` for a sandbox\n")
         sys.exit(2)
+    if args.board and not args.sandbox:
+        from pvpy.board import leave_rootfs
+
+        try:
+            leave_rootfs()  # before anything opens a path: crun's pivot_root needs it
+        except OSError as e:
+            log.error("cannot leave the initramfs rootfs; containers will fail", error=str(e))
     Init(args).run()

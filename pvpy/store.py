@@ -5,6 +5,7 @@ Layout of a storage root (the device's /storage, or a workstation revision dir):
     objects/<sha256>          immutable blobs, named by the sha256 of their bytes
     objects/.tmp/             writes in flight; never read, emptied by clean_temp()
     trails/<rev>/state.json   a revision's signed state (+ state.sig.json)
+    trails/<rev>/boot.env     its BSP objects for the boot script (pv_kernel=<sha256>, ...)
 
 Every write goes to a temp file in the same filesystem, is fsynced, renamed
 into place and its directory fsynced: after a power cut a name either points
@@ -298,6 +299,30 @@ class GcResult:
     freed_bytes: int
 
 
+BOOT_ENV_FILE = "boot.env"
+
+
+def boot_env(state: bytes) -> bytes | None:
+    """The boot script's view of a revision: ``pv_kernel``, ``pv_initrd``, ``pv_fdt``
+    (object names) and ``pv_cmdline``, as U-Boot's ``env import -t`` reads them.
+
+    None when the state names no kernel and initrd (the bootloader then has
+    nothing to load for it). U-Boot cannot hash (no sha256 command in Debian's
+    build), so it trusts these names because pvpy verified the objects first.
+    """
+    import json
+
+    try:
+        bsp = json.loads(state).get("bsp") or {}
+        lines = [f"pv_kernel={bsp['kernel']['sha256']}", f"pv_initrd={bsp['initrd']['sha256']}"]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return None
+    if isinstance(bsp.get("dtb"), dict):
+        lines.append(f"pv_fdt={bsp['dtb']['sha256']}")
+    lines.append(f"pv_cmdline={' '.join(str(bsp.get('cmdline', '')).split())}")
+    return ("\n".join(lines) + "\n").encode()
+
+
 class Storage:
     """A device's storage: objects plus one trail per installed revision."""
 
@@ -335,7 +360,10 @@ class Storage:
         """Write a revision's trail atomically: all its files appear at once.
 
         Built in a temp dir, fsynced, renamed to trails/<rev>. Refuses to
-        replace an existing trail (revisions are immutable).
+        replace an existing trail (revisions are immutable). A state with a
+        kernel and initrd also gets its ``boot.env`` (see ``boot_env``): the
+        caller passes verified bytes, so factory installs and updates alike
+        hand the bootloader only verified object names.
         """
         self.ensure()
         final = self.trail(revision)
@@ -346,6 +374,8 @@ class Storage:
             tmp.mkdir()
             write_atomic(tmp / STATE_FILE, state)
             write_atomic(tmp / SIGNATURE_FILE, signature)
+            if (boot := boot_env(state)) is not None:
+                write_atomic(tmp / BOOT_ENV_FILE, boot)
             os.rename(tmp, final)
             fsync_dir(self.trails)
         except OSError as e:

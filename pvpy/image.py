@@ -1,0 +1,621 @@
+"""``pvpy image build``: a bootable disk image for a board (workstation side).
+
+The pipeline (``build``), one step each, in order::
+
+    ensure_host_tools    Debian host packages the build needs (apt-get when missing)
+    fetch_packages       the board's arm64 packages, cached (rootfs/fetch-debs)
+    extract_packages     dpkg-deb -x into the cache (once per resolved package set)
+    build_initramfs      python + pruned stdlib (.pyc) + pvpy + crun + busybox + modules
+    build_revision       the spec + bsp (kernel, initrd, cmdline) -> a signed revision
+    provision_storage    pvpy's own provisioning (verifies it) + boot.scr + API token
+    build_disk           GPT: storage (mkfs.ext4 -d, no mount), pvmarker; placed with dd
+    build_env_flash      U-Boot's env flash: its defaults + the board's bootcmd
+
+No root-only tricks: no loop device and no mount, so nothing is left behind.
+Everything derived from packages is cached under ``cache`` (default
+``~/.cache/pvpy``): the initramfs is rebuilt only when the packages, the board
+or pvpy's sources change. The output directory holds ``disk.img``,
+``uboot-env.img``, ``image.json`` (what ``pvpy qemu run`` reads), the factory
+revision (``revision/``), the trust key and the API token.
+"""
+
+from __future__ import annotations
+
+import compileall
+import hashlib
+import json
+import os
+import py_compile
+import re
+import secrets
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pvpy import _run
+from pvpy.errors import CommandError, ManifestError, UsageError
+from pvpy.log import get_logger
+
+log = get_logger("image")
+
+REPO = Path(__file__).resolve().parent.parent
+BOARDS = REPO / "boards"
+FETCH_DEBS = REPO / "rootfs" / "fetch-debs"
+DEFAULT_SPEC = REPO / "examples" / "demo" / "spec.yaml"
+IMAGE_MANIFEST = "image.json"
+BOARD_FILE_IN_IMAGE = "etc/pvpy/board.json"
+API_TOKEN_FILE = "config/api-token"  # pvpy.api.TOKEN_FILE, under the storage root
+# Bump when the staging below changes in a way the cache key does not see.
+STAGE_VERSION = 1
+
+# Commands the build runs -> the Debian package that has them.
+HOST_TOOLS = {
+    "dpkg-deb": "dpkg",
+    "readelf": "binutils",
+    "cpio": "cpio",
+    "mkimage": "u-boot-tools",
+    "sfdisk": "fdisk",
+    "mkfs.ext4": "e2fsprogs",
+    "mksquashfs": "squashfs-tools",
+    "busybox": "busybox-static",
+}
+
+MULTIARCH = "usr/lib/aarch64-linux-gnu"
+PY = "usr/lib/python3.11"
+DIST = "usr/lib/python3/dist-packages"
+# The kernel's install-time dependencies (and python3's own wrappers): fetched
+# because apt resolves them, never extracted.
+NOT_EXTRACTED = re.compile(
+    r"^(initramfs-tools.*|udev|klibc-utils|libklibc|kmod|adduser|debconf|dpkg|coreutils|tar|"
+    r"passwd|libpam.*|libsemanage.*|libaudit.*|logsave|linux-base|cpio|python3|python3-minimal|"
+    r"libpython3-stdlib|readline-common|media-types|python3\.11)$"
+)
+STDLIB_DROP = {
+    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
+    "distutils", "venv", "sqlite3", "curses", "dbm", "unittest", "turtle.py", "pydoc.py",
+    "doctest.py", "config-3.11-aarch64-linux-gnu", "EXTERNALLY-MANAGED", "__phello__",
+    "antigravity.py", "this.py", "_pydecimal.py", "pdb.py", "lib-dynload",
+}  # fmt: skip
+DYNLOAD_DROP = re.compile(
+    r"^(_test|xxlimited|_ctypes_test|_curses|readline|_dbm|nis|_sqlite3|audioop|_tkinter|"
+    r"_xxsubinterpreters|_xxtestfuzz|_lsprof|_crypt)"
+)
+DIST_KEEP = {
+    "cryptography", "_cffi_backend", "jsonschema", "attr", "attrs", "pyrsistent",
+    "_pyrsistent_version.py", "pvectorc", "yaml", "_yaml", "structlog",
+}  # fmt: skip
+DIST_INFO_KEEP = {"jsonschema", "attrs", "cryptography", "pyrsistent", "pyyaml", "structlog"}
+BUSYBOX_APPLETS = (
+    "sh", "mount", "umount", "ls", "cat", "mkdir", "ip", "ps", "poweroff", "reboot", "sleep",
+    "dmesg", "free", "df", "grep", "udhcpc", "ifconfig", "losetup",
+)  # fmt: skip
+_SIZE = re.compile(r"^(\d+)([KMG]?)$")
+
+
+# -- the board -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Board:
+    """``boards/<name>/board.yaml``, the parts the image build and QEMU read."""
+
+    name: str
+    dir: Path
+    doc: dict[str, Any] = field(repr=False)
+
+    def get(self, *keys: str) -> Any:
+        value: Any = self.doc
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                raise ManifestError(f"board {self.name}: missing {'.'.join(keys)}")
+            value = value[key]
+        return value
+
+    @property
+    def u_boot(self) -> Path:
+        return Path(self.get("bootloader", "binary"))
+
+    def device_config(self) -> dict[str, Any]:
+        """What PID 1 reads in board mode (pvpy.board.BoardConfig)."""
+        return {
+            "name": self.name,
+            "storage": self.doc.get("storage", "PARTLABEL=storage"),
+            "modules_on_demand": list(self.doc.get("modules_on_demand", [])),
+            "network": dict(self.doc.get("network") or {}),
+        }
+
+
+def load_board(name: str) -> Board:
+    """A board by name (``boards/<name>``) or directory. Raises UsageError/ManifestError."""
+    import yaml
+
+    path = Path(name) if "/" in name else BOARDS / name
+    try:
+        doc = yaml.safe_load((path / "board.yaml").read_text())
+    except OSError as e:
+        known = sorted(p.name for p in BOARDS.iterdir()) if BOARDS.is_dir() else []
+        raise UsageError(f"no board {name!r} ({e.strerror}); boards: {known}") from e
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{path / 'board.yaml'}: invalid YAML: {e}") from e
+    if not isinstance(doc, dict) or doc.get("name") != path.name:
+        raise ManifestError(f"{path / 'board.yaml'}: a mapping with name: {path.name}")
+    return Board(name=path.name, dir=path, doc=doc)
+
+
+def _size(text: str | int) -> int:
+    match = _SIZE.match(str(text).strip())
+    if not match:
+        raise ManifestError(f"not a size: {text!r} (use e.g. 512M)")
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
+
+
+# -- host side ---------------------------------------------------------------------------
+
+
+def ensure_debian_packages(commands: dict[str, str], files: dict[str, str] | None = None) -> None:
+    """Install the Debian packages of missing commands (and files) with apt-get.
+
+    This is the build's one host side effect; it is logged. Raises CommandError.
+    """
+    missing = sorted(
+        {pkg for cmd, pkg in commands.items() if _run.which(cmd) is None}
+        | {pkg for path, pkg in (files or {}).items() if not Path(path).exists()}
+    )
+    if not missing:
+        return
+    log.info("installing Debian host packages", packages=missing)
+    print(f"pvpy: installing Debian host packages: {' '.join(missing)}", file=sys.stderr)
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    _run.run(["apt-get", "update", "-qq"], env=env, timeout=600)
+    _run.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+             env=env, timeout=1800)  # fmt: skip
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pvpy"
+
+
+# -- the pipeline ---------------------------------------------------------------------------
+
+
+@dataclass
+class ImageBuild:
+    board: Board
+    out: Path
+    disk: Path
+    spec: Path
+    key: Path | None
+    cache: Path
+    work: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    kernel_package: str = ""
+    kernel_version: str = ""
+    packages_root: Path = Path()
+    kernel_root: Path = Path()
+    initrd: Path = Path()
+    kernel: Path = Path()
+    revision: int = 0
+    revision_dir: Path = Path()
+    storage: Path = Path()
+    trust: Path = Path()
+
+    @property
+    def apt(self) -> Path:
+        return self.cache / "apt-arm64"
+
+
+def ensure_host_tools(b: ImageBuild) -> None:
+    ensure_debian_packages(HOST_TOOLS, {str(b.board.u_boot): b.board.get("bootloader", "package")})
+
+
+def fetch_packages(b: ImageBuild) -> None:
+    packages = [str(p) for p in b.board.get("packages")]
+    _run.run(["sh", str(FETCH_DEBS), str(b.apt), b.board.get("kernel", "package"), *packages],
+             timeout=1800)  # fmt: skip
+    b.kernel_package = (b.apt / "kernel-package").read_text().strip()
+    b.kernel_version = b.kernel_package.removeprefix("linux-image-")
+
+
+def extract_packages(b: ImageBuild) -> None:
+    """Every fetched .deb of the resolved set into one tree (the kernel apart), once."""
+    resolved = (b.apt / "debs.list").read_text()
+    key = hashlib.sha256(resolved.encode()).hexdigest()[:16]
+    root = b.cache / "extract" / key
+    b.packages_root, b.kernel_root = root / "full", root / "kernel"
+    if (root / ".done").exists():
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    b.packages_root.mkdir(parents=True)
+    b.kernel_root.mkdir()
+    for line in resolved.splitlines():
+        name, version = line.split()
+        if NOT_EXTRACTED.match(name):
+            continue
+        debs = sorted(b.apt.glob(f"archives/{name}_*_*.deb"))
+        deb = next((d for d in debs if _deb_version(d) == version), debs[-1] if debs else None)
+        if deb is None:
+            raise CommandError(["fetch-debs"], 1, f"{name} {version}: no .deb in {b.apt}")
+        target = b.kernel_root if name == b.kernel_package else b.packages_root
+        _run.run(["dpkg-deb", "-x", str(deb), str(target)])
+    _merge_usr(b.packages_root)
+    (root / ".done").touch()
+
+
+def _deb_version(deb: Path) -> str:
+    from urllib.parse import unquote
+
+    return unquote(deb.name.split("_")[1])
+
+
+def _merge_usr(root: Path) -> None:
+    """Fold the packages' /lib, /bin, /sbin into /usr (merged-usr, as bookworm)."""
+    for d in ("lib", "bin", "sbin"):
+        if (root / d).is_dir() and not (root / d).is_symlink():
+            shutil.copytree(root / d, root / "usr" / d, symlinks=True, dirs_exist_ok=True)
+            shutil.rmtree(root / d)
+            os.symlink(f"usr/{d}", root / d)
+
+
+def _initramfs_key(b: ImageBuild) -> str:
+    h = hashlib.sha256(f"{STAGE_VERSION}\n".encode())
+    h.update((b.apt / "debs.list").read_bytes())
+    h.update((b.board.dir / "board.yaml").read_bytes())
+    src = Path(__file__).resolve().parent
+    for path in sorted(src.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            h.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_initramfs(b: ImageBuild) -> None:
+    """Stage the initramfs tree and pack it (newc cpio, uncompressed), cached."""
+    cached = b.cache / "initramfs" / f"{b.board.name}-{_initramfs_key(b)}"
+    b.initrd, b.kernel = cached / "initrd.cpio", cached / "Image"
+    if b.initrd.exists() and b.kernel.exists():
+        log.info("initramfs cached", path=str(cached))
+        return
+    tree = b.work / "initramfs"
+    stage_initramfs(b, tree)
+    cached.mkdir(parents=True, exist_ok=True)
+    names = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
+    data = _run.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"], cwd=str(tree),
+                    input="\n".join(names).encode() + b"\n").stdout  # fmt: skip
+    (cached / "initrd.cpio.tmp").write_bytes(data)
+    image = str(b.board.get("kernel", "image")).format(version=b.kernel_version)
+    shutil.copyfile(b.kernel_root / image, cached / "Image")
+    os.replace(cached / "initrd.cpio.tmp", b.initrd)
+    shutil.rmtree(tree, ignore_errors=True)
+    for old in (b.cache / "initramfs").iterdir():  # keep the cache from growing
+        if old != cached and old.name.startswith(f"{b.board.name}-"):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def stage_initramfs(b: ImageBuild, out: Path) -> None:
+    full = b.packages_root
+    shutil.rmtree(out, ignore_errors=True)
+
+    def copy(src: Path, rel: str) -> None:
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            if dst.is_symlink() or dst.exists():
+                dst.unlink()
+            os.symlink(os.readlink(src), dst)
+        elif src.is_dir():
+            shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dst)
+
+    for d in ("usr/bin", "usr/sbin", "usr/lib", "dev", "proc", "sys", "run", "tmp", "etc/pvpy",
+              "storage", "mnt", "root", "var/lock", "newroot"):  # fmt: skip
+        (out / d).mkdir(parents=True, exist_ok=True)
+    for d in ("bin", "sbin", "lib"):
+        os.symlink(f"usr/{d}", out / d)
+    (out / "tmp").chmod(0o1777)
+
+    # Python: the interpreter and the stdlib minus what a device never imports.
+    copy(full / "usr/bin/python3.11", "usr/bin/python3.11")
+    os.symlink("python3.11", out / "usr/bin/python3")
+    for entry in (full / PY).iterdir():
+        if entry.name not in STDLIB_DROP:
+            copy(entry, f"{PY}/{entry.name}")
+    for so in (full / PY / "lib-dynload").iterdir():
+        if not DYNLOAD_DROP.match(so.name):
+            copy(so, f"{PY}/lib-dynload/{so.name}")
+    for entry in (full / DIST).iterdir():
+        stem = entry.name.split(".")[0] if entry.suffix == ".so" else entry.name
+        if stem in DIST_KEEP or entry.name in DIST_KEEP:
+            copy(entry, f"{DIST}/{entry.name}")
+    for entry in (full / DIST).glob("*-info"):  # importlib.metadata asks for versions
+        if entry.name.split("-")[0].lower() in DIST_INFO_KEEP:
+            copy(entry, f"{DIST}/{entry.name}")
+    shutil.copytree(Path(__file__).resolve().parent, out / DIST / "pvpy",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+
+    # crun, busybox (the applets pvpy and the board need: mount -o loop, ip, udhcpc).
+    copy(full / "usr/bin/crun", "usr/bin/crun")
+    copy(full / "usr/bin/busybox", "usr/bin/busybox")
+    for applet in BUSYBOX_APPLETS:
+        os.symlink("busybox", out / "usr/bin" / applet)
+    copy(full / MULTIARCH / "ld-linux-aarch64.so.1", f"{MULTIARCH}/ld-linux-aarch64.so.1")
+    os.symlink("aarch64-linux-gnu/ld-linux-aarch64.so.1", out / "usr/lib/ld-linux-aarch64.so.1")
+    _library_closure(full, out, copy)
+    # Debian's cryptography 38 loads OpenSSL 3's legacy provider: without it every
+    # call fails with "InternalError: Unknown OpenSSL error".
+    copy(full / MULTIARCH / "ossl-modules/legacy.so", f"{MULTIARCH}/ossl-modules/legacy.so")
+
+    # Kernel modules in load order (pvpy.modules: no depmod, no kmod).
+    from pvpy.modules import LOAD_LIST, load_order
+
+    moddir = b.kernel_root / "lib/modules" / b.kernel_version
+    order = load_order(moddir, [str(m) for m in b.board.get("modules")])
+    for rel in order:
+        copy(moddir / rel, f"usr/lib/modules/{b.kernel_version}/{rel}")
+    (out / f"usr/lib/modules/{b.kernel_version}" / LOAD_LIST).write_text("\n".join(order) + "\n")
+
+    (out / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (out / "etc/group").write_text("root:x:0:\n")
+    (out / BOARD_FILE_IN_IMAGE).write_text(json.dumps(b.board.device_config(), indent=1) + "\n")
+    extra = [str(a) for a in b.board.doc.get("init_args", [])]
+    args = ["--board", f"/{BOARD_FILE_IN_IMAGE}", *extra]
+    (out / "init").write_text(
+        "#!/usr/bin/python3.11\n"
+        '"""PID 1 of the initramfs (written by pvpy image build): pvpy init, board mode."""\n'
+        "from pvpy.init import main\n\n"
+        f"main({args!r})\n"
+    )
+    (out / "init").chmod(0o755)
+    _precompile(out)
+
+
+def _library_closure(full: Path, out: Path, copy: Callable[[Path, str], None]) -> None:
+    """Add every shared library the staged ELF files need (DT_NEEDED), transitively."""
+
+    def is_elf(path: Path) -> bool:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+
+    seen: set[str] = set()
+    todo = [p for p in out.rglob("*") if p.is_file() and not p.is_symlink() and is_elf(p)]
+    while todo:
+        text = _run.run(["readelf", "-d", str(todo.pop())]).stdout.decode()
+        for name in re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", text):
+            if name in seen or name == "ld-linux-aarch64.so.1":
+                continue
+            seen.add(name)
+            src = full / MULTIARCH / name
+            if not (src.exists() or src.is_symlink()):
+                raise CommandError(["readelf"], 1, f"library {name} is in no fetched package")
+            copy(src, f"{MULTIARCH}/{name}")
+            real = src.resolve()
+            if real != src:
+                copy(real, f"{MULTIARCH}/{real.name}")
+            todo.append(out / MULTIARCH / real.name)
+
+
+def _precompile(out: Path) -> None:
+    """.pyc with unchecked hashes: no source stat at import (boot time under TCG).
+
+    The host's python must be 3.11 like the image's (same bytecode magic for
+    every 3.11.x); otherwise the image boots from source, slower.
+    """
+    if sys.version_info[:2] != (3, 11):
+        log.warning("host python is not 3.11: initramfs without .pyc (slower boot)")
+        return
+    for tree in (out / PY, out / DIST):
+        compileall.compile_dir(
+            str(tree), quiet=2, workers=0, stripdir=str(out), prependdir="/",
+            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        )  # fmt: skip
+
+
+def _absolute_sources(doc: dict[str, Any], spec_dir: Path) -> None:
+    """Make the spec's sources absolute, so the spec can be rewritten elsewhere."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str):
+            return str(spec_dir / value)
+        if isinstance(value, dict):
+            return {k: str(spec_dir / v) if k in ("dir", "tar", "oci", "file", "squashfs")
+                    and isinstance(v, str) else v for k, v in value.items()}  # fmt: skip
+        return value
+
+    bsp = doc.get("bsp")
+    if isinstance(bsp, dict):
+        for key in ("kernel", "initrd", "dtb", "modules", "firmware"):
+            if key in bsp:
+                bsp[key] = fix(bsp[key])
+    for container in (doc.get("containers") or {}).values():
+        if isinstance(container, dict) and "rootfs" in container:
+            container["rootfs"] = fix(container["rootfs"])
+
+
+def _arm64_busybox_trees(b: ImageBuild, doc: dict[str, Any]) -> None:
+    """Busybox trees (rootfs/busybox-tree) built on the host carry the host's busybox:
+    copy each one and put the board's busybox in its place. Other rootfs are left as
+    they are (they must be built for the board already)."""
+    busybox = b.packages_root / "usr/bin/busybox"
+    for name, container in (doc.get("containers") or {}).items():
+        rootfs = container.get("rootfs") if isinstance(container, dict) else None
+        source = rootfs.get("dir") if isinstance(rootfs, dict) else rootfs
+        if not isinstance(source, str) or not (Path(source) / "bin/busybox").is_file():
+            continue
+        tree = b.work / "rootfs" / name
+        shutil.rmtree(tree, ignore_errors=True)
+        shutil.copytree(source, tree, symlinks=True)
+        shutil.copy2(busybox, tree / "bin/busybox")
+        if isinstance(rootfs, dict):
+            container["rootfs"] = {**rootfs, "dir": str(tree)}
+        else:
+            container["rootfs"] = str(tree)
+        log.info("rootfs: arm64 busybox", container=name)
+
+
+def build_revision(b: ImageBuild) -> None:
+    """The spec with the board's BSP added, built and signed (the factory revision)."""
+    import yaml
+
+    from pvpy.signing import load_signing_key, sign_state
+    from pvpy.spec import build, load_spec
+    from pvpy.store import SIGNATURE_FILE, STATE_FILE, write_atomic
+
+    doc = load_spec(b.spec)
+    _absolute_sources(doc, b.spec.resolve().parent)
+    bsp = dict(doc.get("bsp") or {})
+    cmdline = " ".join(filter(None, [str(b.board.doc.get("cmdline") or ""), bsp.get("cmdline")]))
+    bsp.update(kernel=str(b.kernel), initrd=str(b.initrd), cmdline=cmdline)
+    doc["bsp"] = bsp
+    _arm64_busybox_trees(b, doc)
+    spec = b.work / "spec.yaml"
+    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
+    b.revision_dir = b.out / "revision"
+    shutil.rmtree(b.revision_dir, ignore_errors=True)
+    result = build(spec, b.revision_dir)
+    b.revision = result.state.revision
+
+    if b.key is None:
+        from pvpy.signing import generate_key
+
+        keys = b.out / "keys"
+        if not (keys / "pvpy.key").exists():
+            generate_key(keys)
+            log.warning("no --key: signed with a new development key", keys=str(keys))
+        b.key = keys
+    key = load_signing_key(b.key)
+    data = (b.revision_dir / STATE_FILE).read_bytes()
+    write_atomic(b.revision_dir / SIGNATURE_FILE, sign_state(data, [key]))
+
+    from cryptography.hazmat.primitives import serialization
+
+    b.trust = b.out / "trust.pub"
+    b.trust.write_bytes(key.private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+
+
+def provision_storage(b: ImageBuild) -> None:
+    """pvpy's provisioning (verifies the revision, installs it with its boot.env),
+    then what the board adds: the boot script and the API token."""
+    from pvpy.sandbox import provision
+
+    b.storage = b.work / "storage"
+    shutil.rmtree(b.storage, ignore_errors=True)
+    provision(b.storage, b.revision_dir, [b.trust])
+    script = b.board.dir / b.board.get("bootloader", "script")
+    _run.run(["mkimage", "-A", "arm64", "-T", "script", "-C", "none", "-n", "pvpy boot",
+              "-d", str(script), str(b.storage / "boot.scr")])  # fmt: skip
+    token = secrets.token_urlsafe(24)
+    for path in (b.storage / API_TOKEN_FILE, b.out / "api-token"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+
+
+def build_disk(b: ImageBuild) -> None:
+    """GPT with the board's partitions; ext4 filled from a directory (mkfs.ext4 -d)."""
+    parts = b.board.get("partitions")
+    table = ["label: gpt"]
+    images: list[tuple[int, Path]] = []
+    start = 1 << 20
+    for part in parts:
+        size = _size(part["size"])
+        image = b.work / f"part-{part['name']}.img"
+        image.unlink(missing_ok=True)
+        if part.get("fs") == "ext4":
+            label = part.get("label", part["name"])
+            _run.run(["mkfs.ext4", "-q", "-F", "-L", label, "-d", str(b.storage), str(image),
+                      str(size // 1024)], timeout=600)  # fmt: skip
+        else:
+            image.write_bytes(str(part.get("content", "")).encode().ljust(512, b"\0"))
+        table.append(f"start={start // 512}, size={size // 512}, type=linux, name={part['name']}")
+        images.append((start, image))
+        start += size
+    b.disk.unlink(missing_ok=True)
+    with open(b.disk, "wb") as f:
+        f.truncate(start + (1 << 20))  # + the backup GPT
+    _run.run(["sfdisk", "-q", str(b.disk)], input=("\n".join(table) + "\n").encode())
+    for offset, image in images:
+        _run.run(["dd", f"if={image}", f"of={b.disk}", "bs=1M", f"seek={offset}",
+                  "oflag=seek_bytes", "conv=notrunc,sparse", "status=none"])  # fmt: skip
+        image.unlink()
+
+
+def build_env_flash(b: ImageBuild) -> None:
+    """U-Boot's env flash for qemu_arm64: crc32 (LE) + ``name=value\\0``... + ``\\0``.
+
+    A valid env *replaces* U-Boot's built-in one, so start from the defaults,
+    taken out of u-boot.bin (the NUL-separated block from ``bootcmd=run
+    distro_bootcmd`` to ``\\0\\0``), and apply the board's overrides.
+    """
+    blob = b.board.u_boot.read_bytes()
+    try:
+        start = blob.index(b"bootcmd=run distro_bootcmd\0")
+    except ValueError as e:
+        raise ManifestError(f"{b.board.u_boot}: no default environment found") from e
+    env: dict[str, str] = {}
+    for entry in blob[start : blob.index(b"\0\0", start)].split(b"\0"):
+        name, _, value = entry.decode().partition("=")
+        env[name] = value
+    env.update({str(k): str(v) for k, v in b.board.get("bootloader", "env").items()})
+    size = int(b.board.get("bootloader", "env_size"))
+    data = b"".join(f"{k}={v}".encode() + b"\0" for k, v in sorted(env.items())) + b"\0"
+    if len(data) > size - 4:
+        raise ManifestError(f"board {b.board.name}: the U-Boot env exceeds {size} bytes")
+    data = data.ljust(size - 4, b"\0")
+    flash = zlib.crc32(data).to_bytes(4, "little") + data
+    flash = flash.ljust(int(b.board.get("bootloader", "env_flash_size")), b"\xff")  # erased
+    (b.out / "uboot-env.img").write_bytes(flash)
+
+
+def write_manifest(b: ImageBuild) -> None:
+    manifest = {
+        "board": b.board.name,
+        "board_dir": str(b.board.dir),
+        "disk": b.disk.name,
+        "env_flash": "uboot-env.img",
+        "u_boot": str(b.board.u_boot),
+        "kernel_package": b.kernel_package,
+        "revision": b.revision,
+        "api_token": "api-token",
+        "qemu": b.board.doc.get("qemu", {}),
+    }
+    (b.out / IMAGE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+STEPS: list[Callable[[ImageBuild], None]] = [
+    ensure_host_tools, fetch_packages, extract_packages, build_initramfs, build_revision,
+    provision_storage, build_disk, build_env_flash, write_manifest,
+]  # fmt: skip
+
+
+def build_image(
+    board_name: str, out: Path, spec: Path | None = None, key: Path | None = None,
+    cache: Path | None = None,
+) -> ImageBuild:  # fmt: skip
+    """Run the pipeline. ``out`` is a directory, or a ``.img`` path (its directory
+    then holds the other files). Raises PvpyError subclasses."""
+    board = load_board(board_name)
+    out = Path(out)
+    disk = out if out.suffix == ".img" else out / "disk.img"
+    out = disk.parent
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / ".work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    b = ImageBuild(board=board, out=out, disk=disk, spec=Path(spec or DEFAULT_SPEC), key=key,
+                   cache=Path(cache or default_cache()), work=work)  # fmt: skip
+    try:
+        for step in STEPS:
+            started = time.monotonic()
+            log.info(step.__name__.replace("_", " "), board=board.name)
+            step(b)
+            b.timings[step.__name__] = round(time.monotonic() - started, 2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return b

@@ -103,7 +103,7 @@ class UpdateRun:
     def __init__(self, revision: int, kind: str, phase: str, old_state: Any = None) -> None:
         self.revision = revision
         self.kind = kind
-        self.phase = phase  # switching, testing, rollback
+        self.phase = phase  # verifying, switching, testing, rollback
         self.old_state = old_state
         self.testing_since = 0.0
         self.goals_met_at: float | None = None

@@ -185,6 +185,22 @@ def cmd_state_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace, host: str) -> Any:
+    from pvpy.registry import Registry, load_auth
+
+    auth = load_auth(Path(args.auth_file)) if getattr(args, "auth_file", None) else None
+    return Registry(host, plain_http=args.plain_http, cacert=args.cacert, auth=auth)
+
+
+def cmd_state_publish(args: argparse.Namespace) -> int:
+    from pvpy.registry import Reference, publish
+
+    ref = Reference.parse(args.ref)
+    publish(_registry(args, ref.registry), ref, Path(args.dir),
+            say=lambda line: print(line, flush=True))  # fmt: skip
+    return 0
+
+
 # --- device ------------------------------------------------------------------
 
 
@@ -364,6 +380,27 @@ def cmd_device_api(args: argparse.Namespace) -> int:
           token_file=Path(args.token_file) if args.token_file else None, limits=limits, tls=tls)
 
 
+def cmd_device_pull(args: argparse.Namespace) -> int:
+    """Poll a registry tag; install and apply what is new (never in PID 1)."""
+    from pvpy.log import configure
+    from pvpy.registry import AUTH_FILE, Puller, Reference, run
+    from pvpy.sandbox import run_dir_for
+    from pvpy.store import Storage
+
+    if not args.verbose and "PVPY_LOG_LEVEL" not in os.environ:
+        configure(level="info")  # a device process: its log says what it did
+    if args.interval <= 0:
+        raise UsageError("--interval must be > 0")
+    ref = Reference.parse(args.source)
+    storage = Storage(Path(args.storage))
+    if args.auth_file is None and (storage.root / AUTH_FILE).is_file():
+        args.auth_file = str(storage.root / AUTH_FILE)
+    run_dir = Path(args.run_dir) if args.run_dir else run_dir_for(storage.root)
+    puller = Puller(storage, run_dir, _registry(args, ref.registry), ref,
+                    retry_failed=args.retry_failed)  # fmt: skip
+    return run(puller, args.interval, args.once, say=lambda line: print(line, flush=True))
+
+
 def cmd_device_rollback(args: argparse.Namespace) -> int:
     storage = Path(args.storage)
     reply = control_request(storage, {"cmd": "rollback"})
@@ -471,6 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print state.json as is")
     p.set_defaults(func=cmd_state_show)
+    p = state.add_parser(
+        "publish", help="store a signed revision in an OCI registry (pull mode)",
+        description="Uploads the blobs the registry lacks (progress on stderr), then the "
+        "revision's manifest, tagged TAG and the revision number. See pvpy/registry.py.",
+    )
+    p.add_argument("dir", metavar="SIGNED_DIR")
+    p.add_argument("ref", metavar="REGISTRY/REPO:TAG", help="e.g. registry.example/demo:stable")
+    _registry_options(p)
+    p.set_defaults(func=cmd_state_publish)
 
     device = nouns.add_parser("device", help="a device: provision, run (sandbox), status")
     dev = device.add_subparsers(dest="verb", metavar="<verb>", required=True)
@@ -570,6 +616,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "and api-key.pem when both exist)")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.set_defaults(func=cmd_device_api)
+    p = dev.add_parser(
+        "pull", help="(device) poll a registry tag; install and apply new revisions",
+        description="Each round: skip while the device is updating; resolve the tag; check "
+        "the state's signature, schema and revision; fetch the missing objects (hash "
+        "checked); ask PID 1 to apply it and wait for UPDATED, DONE, WONTGO or ERROR. "
+        "--once exits 0 (updated or nothing new), 3 (refused or failed) or 10 (registry or "
+        "device unreachable, busy).",
+    )
+    p.add_argument("--storage", required=True, metavar="DIR")
+    p.add_argument("--run-dir", metavar="DIR", help="PID 1's run dir (default: the sandbox's)")
+    p.add_argument("--from", dest="source", required=True, metavar="REGISTRY/REPO:TAG")
+    p.add_argument("--interval", type=float, default=300.0, metavar="SECONDS",
+                   help="seconds between polls (default 300)")
+    p.add_argument("--once", action="store_true", help="poll once and exit")
+    p.add_argument("--retry-failed", type=float, default=600.0, metavar="SECONDS",
+                   help="wait before trying a revision whose download failed again (default 600)")
+    _registry_options(p)
+    p.set_defaults(func=cmd_device_pull)
     for verb, text in (("reboot", "reboot the device"), ("poweroff", "power the device off"),
                        ("halt", "halt the device")):
         p = dev.add_parser(verb, help=text)
@@ -619,6 +683,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a reboot or watchdog reset ends QEMU")
     p.set_defaults(func=cmd_qemu_run)
     return parser
+
+
+def _registry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plain-http", action="store_true",
+                   help="speak HTTP, not HTTPS, to the registry (a local test registry)")
+    p.add_argument("--cacert", metavar="PEM", help="https: trust this CA (default: the system's)")
+    p.add_argument("--auth-file", metavar="FILE",
+                   help="basic auth, user:password, mode 0600 (device default: "
+                   "STORAGE/config/registry-auth when it exists)")
 
 
 def _token_options(p: argparse.ArgumentParser) -> None:

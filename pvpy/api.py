@@ -413,16 +413,10 @@ class Api:
             up.install_verified(self.storage, verified, keyset)
             self.drop_pending(revision)
             log.info("revision installed", revision=revision)
-            try:
-                reply = self.control.request({"cmd": "update", "revision": revision},
-                                             timeout=APPLY_TIMEOUT)  # fmt: skip
-            except DeviceError as e:
-                # PID 1 did not start it: take the trail out again so that the same
-                # number can be pushed once the device is ready.
-                with contextlib.suppress(PvpyError):
-                    self.storage.remove_revision(revision)
-                up.write_progress(self.storage.root, revision, up.WONTGO, f"not applied: {e}")
-                raise
+            reply = up.hand_to_pid1(
+                self.storage, revision, lambda m, t: self.control.request(m, timeout=t),
+                APPLY_TIMEOUT,
+            )  # fmt: skip
         finally:
             self.install_lock.release()
         log.info("update requested", revision=revision, kind=reply.get("kind"))

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 other pvpy error; 2 usage; 3 trust refused
 (signature, key, rollback, expiry); 4 manifest/spec invalid; 5 storage or
-object error; 6 key file; 7 an outside program failed; 70 internal error
-(a bug: set PVPY_DEBUG=1 for the traceback); 130 interrupted.
+object error; 6 key file; 7 an outside program failed; 8 boot environment;
+9 container; 10 device; 11 registry; 70 internal error (a bug: set
+PVPY_DEBUG=1 for the traceback); 130 interrupted. (pvpy.errors holds the tree.)
 """
 
 from __future__ import annotations
@@ -320,16 +321,18 @@ def follow_update(storage: Path, revision: int, timeout: float) -> int:
 
 
 def cmd_device_update(args: argparse.Namespace) -> int:
+    from pvpy import update as up
     from pvpy.sandbox import load_trust
+    from pvpy.store import Storage
     from pvpy.update import stage
 
     storage = Path(args.storage)
     control_request(storage, {"cmd": "status"})  # the device must be up to apply it
     state = stage(storage, Path(args.state), load_trust(storage))
     print(f"revision {state.revision}: staged")
-    reply = control_request(storage, {"cmd": "update", "revision": state.revision})
+    up.hand_to_pid1(Storage(storage), state.revision,
+                    lambda msg, t: control_request(storage, msg, t))  # fmt: skip
     print(f"revision {state.revision}: handed to PID 1 (it verifies, then applies)")
-    del reply
     if args.no_wait:
         return 0
     return follow_update(storage, state.revision, args.timeout)

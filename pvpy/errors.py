@@ -23,7 +23,8 @@ the device API will map them to HTTP statuses.
      ├── CommandError               exit 7   an outside program failed
      ├── BootEnvError               exit 8   boot environment unreadable/unwritable
      ├── ContainerError             exit 9   a container cannot be set up or run
-     └── DeviceError                exit 10  the device (or sandbox) cannot do that
+     ├── DeviceError                exit 10  the device (or sandbox) cannot do that
+     └── RegistryError              exit 11  an OCI registry unreachable or refusing
 """
 
 from __future__ import annotations
@@ -132,3 +133,13 @@ class DeviceError(PvpyError):
     """A device-level request cannot be done (not provisioned, not root, ...)."""
 
     exit_code = 10
+
+
+class RegistryError(PvpyError):
+    """An OCI registry cannot be reached, or refused a request (``status`` 0: unreachable)."""
+
+    exit_code = 11
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status

@@ -41,7 +41,7 @@ refused revision is recorded WONTGO once, not on every poll. A failed download
 is recorded WONTGO, never ERROR: WONTGO does not use up the revision number
 (``update.highest_revision``), so the next attempt may install it.
 
-Errors: ``RegistryError`` (a PvpyError, exit 10) when the registry cannot be
+Errors: ``RegistryError`` (a PvpyError, exit 11) when the registry cannot be
 reached or answers with an error; the revision's own faults are the usual
 TrustError, ManifestError and StoreError.
 """
@@ -49,7 +49,6 @@ TrustError, ManifestError and StoreError.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import http.client
 import json
@@ -69,6 +68,7 @@ from pvpy.errors import (
     ManifestError,
     ObjectMissingError,
     PvpyError,
+    RegistryError,
     TrustError,
     UsageError,
 )
@@ -104,16 +104,6 @@ _REPO = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-class RegistryError(PvpyError):
-    """The registry cannot be reached, or refused a request (``status`` 0: unreachable)."""
-
-    exit_code = 10
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # -- references ---------------------------------------------------------------------------
@@ -650,12 +640,8 @@ class Puller:
 
     def apply(self, revision: int, digest: str) -> Outcome:
         try:
-            reply = self.control({"cmd": "update", "revision": revision}, timeout=APPLY_TIMEOUT)
-        except DeviceError as e:
-            # PID 1 did not take it: the trail goes, so the number can come again
-            with contextlib.suppress(PvpyError):
-                self.storage.remove_revision(revision)
-            up.write_progress(self.storage.root, revision, up.WONTGO, f"not applied: {e}")
+            reply = up.hand_to_pid1(self.storage, revision, self.control, APPLY_TIMEOUT)
+        except Exception as e:  # recorded WONTGO by hand_to_pid1; the number can come again
             self.skip[digest] = time.monotonic() + self.retry_failed
             return self._say(Outcome("failed", revision, f"not applied: {e}"))
         log.info("update requested", revision=revision, accepted=reply.get("accepted"))

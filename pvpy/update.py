@@ -24,11 +24,12 @@ right there (tests walk every point).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -233,6 +234,16 @@ def install_verified(
     the objects it added (and a corrupt stored one no installed revision needs),
     records WONTGO (bad input) or ERROR (the device failed) and re-raises.
     """
+    with install_lock(storage):
+        _install_verified(storage, verified, keyset, fetch)
+
+
+def _install_verified(
+    storage: Storage,
+    verified: VerifiedRevision,
+    keyset: bytes | None,
+    fetch: Callable[[ObjectRef], BinaryIO] | None,
+) -> None:
     revision = verified.revision
     write_progress(storage.root, revision, QUEUED, "verified signature and schema")
     refs = list(verified.state.objects().values())
@@ -295,6 +306,42 @@ def stage(storage_dir: Path, source: Path, trust: Any) -> State:
 
     install_verified(storage, verified, keyset, fetch)
     return verified.state
+
+
+def hand_to_pid1(
+    storage: Storage,
+    revision: int,
+    send: Callable[[dict[str, Any], float], dict[str, Any]],
+    timeout: float = 300,
+) -> dict[str, Any]:
+    """Ask PID 1 to apply an installed revision (``send`` is the caller's control
+    client; it raises when PID 1 says no or does not answer).
+
+    When PID 1 does not take it, the trail goes again — so the same number can
+    be offered once the device is ready — and WONTGO is recorded; re-raises.
+    """
+    try:
+        return send({"cmd": "update", "revision": revision}, timeout)
+    except Exception as e:
+        with contextlib.suppress(PvpyError):
+            storage.remove_revision(revision)
+        write_progress(storage.root, revision, WONTGO, f"not applied: {e}")
+        raise
+
+
+@contextlib.contextmanager
+def install_lock(storage: Storage) -> Iterator[None]:
+    """One installer at a time per storage (CLI, API server and puller are
+    separate processes): an exclusive flock on STORAGE/.install.lock."""
+    import fcntl
+
+    storage.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(storage.root / ".install.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 def _refuse_unparsed(storage: Storage, state_bytes: bytes, reason: str) -> None:

@@ -178,11 +178,11 @@ def test_publish_sends_only_missing_blobs(tmp_path: Path, registry: RegistryProc
     with pytest.raises(reg.RegistryError, match="DIGEST_INVALID"):
         reg.publish(client, ref, bad, say=lines.append)
     assert registry.manifest("fleet/demo", "stable")["annotations"]["org.pvpy.revision"] == "2"
-    # the CLI: same thing, exit 0; a registry that is not there: exit 10
+    # the CLI: same thing, exit 0; a registry that is not there: exit 11
     out = pvpy("state", "publish", r1, f"{registry.host}/fleet/other:stable", "--plain-http")
     assert "sent 5 blob(s)" in out.stdout
     out = pvpy("state", "publish", r1, f"127.0.0.1:{free_port()}/fleet/demo:x", "--plain-http", check=False)
-    assert out.returncode == 10 and "cannot reach the registry" in out.stderr
+    assert out.returncode == 11 and "cannot reach the registry" in out.stderr
 
 
 def test_manifests_that_are_not_revisions() -> None:

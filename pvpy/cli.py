@@ -226,6 +226,10 @@ def cmd_device_run(args: argparse.Namespace) -> int:
         init_args.append("--api")
     if args.api_tcp:
         init_args += ["--api-tcp", args.api_tcp]
+    if args.pull:
+        init_args += ["--pull", args.pull, "--pull-interval", str(args.pull_interval)]
+        if args.pull_plain_http:
+            init_args.append("--pull-plain-http")
     if args.watchdog:
         init_args += ["--watchdog", args.watchdog,
                       "--watchdog-interval", str(args.watchdog_interval)]  # fmt: skip
@@ -538,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", action="store_true", help="serve the device API on a unix socket")
     p.add_argument("--api-tcp", metavar="HOST:PORT",
                    help="serve the device API on TCP too (token: STORAGE/config/api-token)")
+    p.add_argument("--pull", metavar="REGISTRY/REPO:TAG",
+                   help="let the device poll this registry tag and update itself")
+    p.add_argument("--pull-interval", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--pull-plain-http", action="store_true", help="the registry speaks HTTP")
     p.add_argument("--watchdog", metavar="PATH", help="watchdog device or test file")
     p.add_argument("--watchdog-interval", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--max-boots", type=int, help="stop after this many boots (tests)")

@@ -97,6 +97,44 @@ def _noop(_signum: int, _frame: object) -> None:
     """Signals only wake the loop (through the wakeup fd); the loop acts."""
 
 
+class Helper:
+    """A long-running helper process PID 1 keeps alive (never part of PID 1):
+    restarted with backoff when it dies; a hostile client or a hung registry can
+    at worst take that process down, never stall PID 1's loop."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.argv = [sys.executable, "-m", "pvpy", *argv]
+        self.pid: int | None = None
+        self.next_start = 0.0
+        self.failures = 0
+
+    def ensure(self, now: float) -> None:
+        if self.pid is not None or now < self.next_start:
+            return
+        from pvpy import _run
+
+        try:
+            self.pid = _run.spawn(self.argv, new_session=True)
+            log.info("helper started", helper=self.name, pid=self.pid)
+        except Exception as e:
+            log.error("helper cannot start", helper=self.name, error=str(e))
+            self.exited(None, now)
+
+    def exited(self, status: int | None, now: float) -> None:
+        if status is not None:
+            log.warning("helper exited", helper=self.name,
+                        status=os.waitstatus_to_exitcode(status))  # fmt: skip
+        self.pid = None
+        self.failures += 1
+        self.next_start = now + min(2 ** min(self.failures, 5), 30)
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+
+
 class UpdateRun:
     """An update PID 1 is applying or testing."""
 
@@ -133,11 +171,9 @@ class Init:
         self.update: UpdateRun | None = None
         self.bootenv: Any = None
         self.health_reported = False
-        self.api_pid: int | None = None
+        self.helpers: list[Helper] = []
         self.verifiers: dict[int, tuple[int, Callable[[int, str | None], None], int]] = {}
         self.boot_candidates: list[int] = []
-        self.api_next = 0.0
-        self.api_failures = 0
 
     # -- 1. early mounts -------------------------------------------------------
 
@@ -349,6 +385,7 @@ class Init:
 
         Storage(self.storage).clean_temp()
         self.bootenv = self.open_bootenv()
+        self.helpers = self.helper_processes()
         self.boot_candidates = self.candidates()
         self.boot_next()
 
@@ -735,32 +772,42 @@ class Init:
 
     # -- 5. the loop --------------------------------------------------------------------
 
-    def ensure_api(self, now: float) -> None:
-        """Keep the API server process running (it is never part of PID 1).
+    def helper_processes(self) -> list[Helper]:
+        """The long-running helpers this device is configured for (read after the
+        storage is mounted): the API server, the registry puller."""
+        base = ["--storage", str(self.storage), "--run-dir", str(self.run_dir)]
+        helpers = []
+        if self.args.api or self.args.api_tcp:
+            argv = ["device", "api", *base]
+            if self.args.api_tcp:
+                argv += ["--tcp", self.args.api_tcp,
+                         "--token-file", str(self.storage / "config" / "api-token")]  # fmt: skip
+            helpers.append(Helper("api server", argv))
+        pull = self.pull_config()
+        if pull is not None:
+            argv = ["device", "pull", *base, "--from", str(pull["from"]),
+                    "--interval", str(pull.get("interval", 60))]  # fmt: skip
+            if pull.get("plain_http"):
+                argv.append("--plain-http")
+            helpers.append(Helper("registry puller", argv))
+        return helpers
 
-        Restarted with backoff when it dies; a hostile client can at worst
-        kill that process, never stall this loop.
-        """
-        if not self.args.api or self.api_pid is not None or self.pending or now < self.api_next:
-            return
-        from pvpy import _run
-
-        argv = [sys.executable, "-m", "pvpy", "device", "api",
-                "--storage", str(self.storage), "--run-dir", str(self.run_dir)]  # fmt: skip
-        if self.args.api_tcp:
-            argv += ["--tcp", self.args.api_tcp]
-            argv += ["--token-file", str(self.storage / "config" / "api-token")]
+    def pull_config(self) -> dict[str, Any] | None:
+        """--pull REF on the command line, else STORAGE/config/pull.json."""
+        if self.args.pull:
+            return {"from": self.args.pull, "interval": self.args.pull_interval,
+                    "plain_http": self.args.pull_plain_http}  # fmt: skip
         try:
-            self.api_pid = _run.spawn(argv, new_session=True)
-            log.info("api server started", pid=self.api_pid, tcp=self.args.api_tcp)
-        except Exception as e:
-            log.error("api server cannot start", error=str(e))
-            self.api_exited(now)
-
-    def api_exited(self, now: float) -> None:
-        self.api_pid = None
-        self.api_failures += 1
-        self.api_next = now + min(2 ** min(self.api_failures, 5), 30)
+            config = json.loads((self.storage / "config" / "pull.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.error("config/pull.json unreadable; not pulling", error=str(e))
+            return None
+        if not isinstance(config, dict) or not isinstance(config.get("from"), str):
+            log.error("config/pull.json needs a \"from\" registry reference; not pulling")
+            return None
+        return config
 
     def reap(self) -> None:
         while True:
@@ -772,9 +819,9 @@ class Init:
                 return
             if self.verifier_exited(pid, status):
                 continue
-            if pid == self.api_pid:
-                log.warning("api server exited", status=os.waitstatus_to_exitcode(status))
-                self.api_exited(time.monotonic())
+            helper = next((h for h in self.helpers if h.pid == pid), None)
+            if helper is not None:
+                helper.exited(status, time.monotonic())
                 continue
             if self.supervisor is None or not self.supervisor.on_exit(pid, status):
                 log.debug("reaped", pid=pid, status=status)
@@ -801,12 +848,17 @@ class Init:
         now = time.monotonic()
         self.check_update(now)
         self.check_health()
-        self.ensure_api(now)
+        if not self.pending:
+            for helper in self.helpers:
+                helper.ensure(now)
         for conn, (_, since) in list(self.clients.items()):
             if now - since > CLIENT_TIMEOUT:
                 self._drop_client(conn)
         if self.pending and (
-            ((self.supervisor is None or self.supervisor.all_stopped()) and self.api_pid is None)
+            (
+                (self.supervisor is None or self.supervisor.all_stopped())
+                and all(h.pid is None for h in self.helpers)
+            )
             or now >= self.shutdown_deadline
         ):
             self.finish()
@@ -865,9 +917,8 @@ class Init:
         log.info("shutdown requested", action=action, reason=reason)
         self.pending = action
         self.pending_reason = reason
-        if self.api_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.api_pid, signal.SIGTERM)
+        for helper in self.helpers:
+            helper.stop()
         longest = 0.0
         if self.supervisor is not None:
             longest = max(
@@ -955,6 +1006,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the device API server (unix socket RUN_DIR/api.sock)")
     p.add_argument("--api-tcp", metavar="HOST:PORT",
                    help="also serve the API on TCP (bearer token in STORAGE/config/api-token)")
+    p.add_argument("--pull", metavar="REGISTRY/REPO:TAG",
+                   help="poll this registry tag for new revisions (else STORAGE/config/pull.json)")
+    p.add_argument("--pull-interval", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--pull-plain-http", action="store_true", help="the registry speaks HTTP")
     p.add_argument("--commit-delay", type=float, default=25.0,
                    help="seconds all goals must hold before an update commits")
     p.add_argument("--commit-timeout", type=float, default=120.0,

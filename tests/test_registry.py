@@ -345,3 +345,24 @@ def test_pull_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Path, regist
     assert out.returncode == 10 and "busy" in out.stdout, out.stdout + out.stderr
     device.wait_for("revision 6", lambda s: s["revision"] == 6 and s["updating"] is None, 60)
     assert "nothing new" in pull_once().stdout
+
+
+@pytest.mark.root
+def test_device_configured_to_pull_updates_itself(
+    tmp_path: Path, sandbox: Any, signing_dir: Path, registry: RegistryProcess
+) -> None:
+    """PID 1 keeps the puller running (--pull): publishing is all it takes."""
+    base = {"hostos": HOSTOS, "steady": app(IDLE)}
+    v1 = build_revision(tmp_path, signing_dir, 1, {**base, "web": app("echo web v1; " + IDLE)})
+    v2 = build_revision(tmp_path, signing_dir, 2, {**base, "web": variant(tmp_path, "v2", IDLE)})
+    tag = f"{registry.host}/fleet/self:stable"
+    device: SandboxDevice = sandbox(v1, *COMMIT, "--pull", tag, "--pull-interval", "1",
+                                    "--pull-plain-http")
+    before = pids(device.wait_goals())
+    pvpy("state", "publish", v2, tag, "--plain-http")
+    status = device.wait_for("revision 2 pulled and committed", lambda s: s["revision"] == 2
+                             and s["committed"] == 2 and s["all_goals_met"], timeout=90)
+    assert pids(status)["steady"] == before["steady"]
+    assert records(device.storage)[2]["status"] == "UPDATED"
+    assert any(e.get("event") == "helper started" and e.get("helper") == "registry puller"
+               for e in device.events())

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pvpy import _linux
+from pvpy.apply import Applier
 from pvpy.log import configure, get_logger
 
 log = get_logger("init")
@@ -135,19 +136,6 @@ class Helper:
                 os.kill(self.pid, signal.SIGTERM)
 
 
-class UpdateRun:
-    """An update PID 1 is applying or testing."""
-
-    def __init__(self, revision: int, kind: str, phase: str, old_state: Any = None) -> None:
-        self.revision = revision
-        self.kind = kind
-        self.phase = phase  # verifying, switching, testing, rollback
-        self.old_state = old_state
-        self.testing_since = 0.0
-        self.goals_met_at: float | None = None
-        self.restarts: dict[str, int] = {}
-
-
 class Init:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -168,9 +156,8 @@ class Init:
         self.supervised: dict[int, int] = {}  # fd -> token of the supervisor's fds
         self.boot_error: str | None = None
         self.booted_at = time.monotonic()
-        self.update: UpdateRun | None = None
+        self.updates = Applier(self)
         self.bootenv: Any = None
-        self.health_reported = False
         self.helpers: list[Helper] = []
         self.verifiers: dict[int, tuple[int, Callable[[int, str | None], None], int]] = {}
         self.boot_candidates: list[int] = []
@@ -392,7 +379,7 @@ class Init:
     def boot_next(self) -> None:
         if not self.boot_candidates:
             log.error("no revision can run; staying up without containers", reason=self.boot_error)
-            self.reconcile_updates(None)
+            self.updates.reconcile(None)
             return
         self.start_verify(self.boot_candidates.pop(0), self.boot_verified)
 
@@ -416,252 +403,13 @@ class Init:
         self.supervisor = Supervisor(state, runtime, on_device_request=self.on_device_request)
         self.revision = revision
         log.info("booting revision", revision=revision, trying=self.args.trying)
-        self.reconcile_updates(revision)
+        self.updates.reconcile(revision)
         self.supervisor.start()
 
     def open_bootenv(self) -> Any:
         from pvpy.bootenv import open_bootenv
 
         return open_bootenv(self.args.bootenv or f"file:{self.storage / 'bootenv'}")
-
-    def reconcile_updates(self, booted: int | None) -> None:
-        """Make every update record tell the truth after a (re)boot.
-
-        A try that did not commit is ERROR (and pv_try cleared, after the
-        failure is recorded); a committed revision whose record a power cut
-        left unfinished is DONE/UPDATED; anything else left half-way was
-        interrupted: ERROR. A try we are booting now goes to TESTING.
-        """
-        from pvpy import update as up
-
-        env = self.bootenv.read()
-        committed = int(env["pv_rev"]) if env.get("pv_rev", "").isdigit() else None
-        trying = self.args.boot_revision if self.args.trying else None
-        failed_try = self.args.failed_try
-        if trying is not None and booted != trying:
-            failed_try = trying  # it would not even verify: we booted another one
-        if failed_try is not None:
-            record = up.read_progress(self.storage, failed_try)
-            if record is None or record.status != up.ERROR:
-                up.write_progress(self.storage, failed_try, up.ERROR,
-                                  "did not commit; rolled back to the last good revision",
-                                  kind=up.KIND_REBOOT)  # fmt: skip
-            self.bootenv.write({"pv_try": None, "pv_trying": None, "pv_bootcount": None})
-        for record in up.all_progress(self.storage):
-            if record.status in up.FINAL:
-                continue
-            if record.revision == trying and booted == trying:
-                continue
-            if record.revision == committed:
-                done = up.UPDATED if record.kind == up.KIND_APP else up.DONE
-                up.write_progress(self.storage, record.revision, done, "committed", 100,
-                                  kind=record.kind)  # fmt: skip
-            else:
-                reason = f"interrupted while {record.status}"
-                up.write_progress(self.storage, record.revision, up.ERROR, reason, kind=record.kind)
-        if trying is not None and booted == trying:
-            up.write_progress(self.storage, trying, up.TESTING, "booted the try revision",
-                              kind=up.KIND_REBOOT)  # fmt: skip
-            up.persist_point("reboot:testing")
-            self.update = UpdateRun(trying, up.KIND_REBOOT, "testing")
-            self.update.testing_since = time.monotonic()
-
-    def begin_update(self, revision: int) -> dict[str, Any]:
-        """Apply an installed (staged) revision: verify it in a child first; the rest
-        happens in ``update_verified`` when that child exits."""
-        from pvpy.store import Storage
-
-        if self.update is not None:
-            return {"ok": False, "error": f"update to {self.update.revision} in progress"}
-        if self.pending is not None or self.supervisor is None:
-            return {"ok": False, "error": "device is not running a revision"}
-        if not Storage(self.storage).has_revision(revision):
-            return {"ok": False, "error": f"revision {revision} is not installed"}
-        from pvpy import update as up
-
-        # a fresh record: a rollback re-applies a revision whose old record is final
-        up.write_progress(self.storage, revision, up.INPROGRESS, "verifying before applying")
-        self.update = UpdateRun(revision, "", "verifying")
-        self.start_verify(revision, self.update_verified)
-        return {"ok": True, "accepted": revision}
-
-    def update_verified(self, revision: int, problem: str | None) -> None:
-        """The installed revision verified (or not): restart what changed, or try-boot."""
-        from pvpy import update as up
-        from pvpy.state import canonical
-        from pvpy.state.model import State
-        from pvpy.store import Storage
-
-        self.update = None
-        if problem is not None:
-            up.write_progress(self.storage, revision, up.WONTGO, problem)
-            return
-        if self.pending is not None or self.supervisor is None:
-            up.write_progress(self.storage, revision, up.ERROR, "device went down before it")
-            return
-        state_bytes, _ = Storage(self.storage).read_trail(revision)
-        new_state = State.from_dict(canonical.decode(state_bytes))
-        change = up.classify(self.supervisor.state, new_state)
-        if change.kind == up.KIND_REBOOT:
-            up.write_progress(self.storage, revision, up.INPROGRESS,
-                              f"{change.why}: rebooting into it", kind=up.KIND_REBOOT)  # fmt: skip
-            self.bootenv.write({"pv_try": str(revision), "pv_trying": None, "pv_bootcount": "0"})
-            up.persist_point("reboot:try")
-            self.request("reboot", f"update to revision {revision}")
-            return
-        restart = set(change.changed) | set(change.removed)
-        up.write_progress(self.storage, revision, up.INPROGRESS,
-                          f"restarting {sorted(restart | set(change.added))}",
-                          kind=up.KIND_APP)  # fmt: skip
-        self.update = UpdateRun(revision, up.KIND_APP, "switching", self.supervisor.state)
-        self.supervisor.switch(new_state, restart)
-
-    def check_update(self, now: float) -> None:
-        """Drive the update under way: switching -> testing -> commit or roll back."""
-        from pvpy import update as up
-
-        u, sup = self.update, self.supervisor
-        if u is None or sup is None or self.pending is not None:
-            return
-        if u.phase == "switching" and sup.pending_switch is None:
-            up.persist_point("app:switched")
-            u.phase = "testing"
-            u.testing_since = now
-            u.restarts = {n: m.total_restarts for n, m in sup.containers.items()}
-            up.write_progress(self.storage, u.revision, up.TESTING, "waiting for goals",
-                              kind=u.kind)  # fmt: skip
-            return
-        if u.phase == "rollback" and sup.pending_switch is None:
-            log.info("rolled back", revision=u.revision, running=sup.state.revision)
-            self.update = None
-            return
-        if u.phase != "testing":
-            return
-        if not u.restarts:
-            u.restarts = {n: m.total_restarts for n, m in sup.containers.items()}
-        failure = None
-        for name, m in sup.containers.items():
-            if m.status == "FAILED":
-                failure = f"{name} failed: {m.reason}"
-            elif m.total_restarts > u.restarts.get(name, 0):
-                failure = f"{name} exited while testing ({m.last_exit})"
-        if failure is None and sup.goals_missed:
-            failure = f"goals missed: {sup.goals_missed}"
-        if failure is None and sup.all_goals_met():
-            if u.goals_met_at is None:
-                u.goals_met_at = now
-                log.info("all goals met; commit after delay", delay=self.args.commit_delay)
-            if now - u.goals_met_at >= self.args.commit_delay:
-                self.commit_update(u)
-                return
-        elif failure is None:
-            u.goals_met_at = None
-            if now - u.testing_since > self.args.commit_timeout:
-                failure = f"goals not met within {self.args.commit_timeout:g}s"
-        if failure is not None:
-            self.fail_update(u, failure)
-
-    def check_health(self) -> None:
-        """A factory revision that misses its goals cannot roll back: say ERROR, run on.
-
-        (A revision that came by update is judged while TESTING instead.)
-        """
-        from pvpy import update as up
-
-        sup = self.supervisor
-        if self.health_reported or sup is None or self.update is not None or self.pending:
-            return
-        if sup.group_index < len(sup.groups) or self.revision is None:
-            return  # still starting
-        failed = [n for n, m in sup.containers.items() if m.status == "FAILED"]
-        if not failed and not sup.goals_missed:
-            return
-        self.health_reported = True
-        if up.read_progress(self.storage, self.revision) is None:
-            up.write_progress(
-                self.storage, self.revision, up.ERROR,
-                f"factory revision failing (failed: {failed}, goals missed: {sup.goals_missed});"
-                " nothing older to roll back to, keeps running",
-            )  # fmt: skip
-
-    def commit_update(self, u: UpdateRun) -> None:
-        from pvpy import update as up
-
-        if u.kind == up.KIND_APP:
-            self.bootenv.write({"pv_rev": str(u.revision)})
-            up.persist_point("app:commit")
-            up.write_progress(self.storage, u.revision, up.UPDATED, "committed", 100, kind=u.kind)
-        else:
-            self.bootenv.write(
-                {"pv_rev": str(u.revision), "pv_try": None, "pv_trying": None,
-                 "pv_bootcount": None}
-            )  # fmt: skip
-            up.persist_point("reboot:commit")
-            up.write_progress(self.storage, u.revision, up.DONE, "committed", 100, kind=u.kind)
-        self.revision = u.revision
-        self.update = None
-        self.collect_garbage()
-
-    def fail_update(self, u: UpdateRun, reason: str) -> None:
-        from pvpy import update as up
-
-        log.error("update failed; rolling back", revision=u.revision, reason=reason)
-        up.write_progress(self.storage, u.revision, up.ERROR, f"rolled back: {reason}",
-                          kind=u.kind)  # fmt: skip
-        if u.kind == up.KIND_APP:
-            up.persist_point("app:rollback")
-            change = up.classify(u.old_state, self.supervisor.state)
-            u.phase = "rollback"
-            self.supervisor.switch(
-                u.old_state, set(change.changed) | set(change.removed) | set(change.added)
-            )
-            return
-        up.persist_point("reboot:rollback")
-        # Record first, then clear the try: a cut in between still ends in ERROR.
-        self.bootenv.write({"pv_try": None, "pv_trying": None, "pv_bootcount": None})
-        self.update = None
-        self.request("reboot", f"revision {u.revision} failed testing")
-
-    def begin_rollback(self) -> dict[str, Any]:
-        """Go back to the newest good revision older than the running one."""
-        from pvpy import update as up
-        from pvpy.store import Storage
-
-        if self.revision is None:
-            return {"ok": False, "error": "device is not running a revision"}
-        older = up.good_revisions_below(Storage(self.storage), self.revision)
-        if not older:
-            return {"ok": False, "error": "no older good revision is installed"}
-        reply = self.begin_update(max(older))
-        return {**reply, "revision": max(older)}
-
-    def pinned(self) -> set[int]:
-        """Revisions GC must keep: last good, try, running, and the good one before."""
-        from pvpy import update as up
-        from pvpy.store import Storage
-
-        env = self.bootenv.read() if self.bootenv else {}
-        pins = {int(v) for k in ("pv_rev", "pv_try") if (v := env.get(k, "")).isdigit()}
-        if self.revision is not None:
-            pins.add(self.revision)
-        older = up.good_revisions_below(Storage(self.storage), max(pins, default=0))
-        if older:
-            pins.add(max(older))
-        return pins
-
-    def collect_garbage(self) -> None:
-        from pvpy import update as up
-        from pvpy.store import Storage
-
-        try:
-            result = Storage(self.storage).gc(self.pinned())
-            log.info("garbage collected", revisions=result.removed_revisions,
-                     objects=len(result.removed_objects), freed=result.freed_bytes)  # fmt: skip
-            up.persist_point("gc:done")
-        except Exception as e:
-            log.warning("gc failed; nothing removed", error=str(e))
-
-    # -- control socket --------------------------------------------------------------
 
     def setup_control(self) -> None:
         path = self.run_dir / "control.sock"
@@ -735,9 +483,9 @@ class Init:
             "revision": self.revision,
             "committed": int(env["pv_rev"]) if env.get("pv_rev", "").isdigit() else None,
             "try": int(env["pv_try"]) if env.get("pv_try", "").isdigit() else None,
-            "updating": self.update.revision if self.update else None,
+            "updating": self.updates.update.revision if self.updates.update else None,
             "updates": [p.to_dict() for p in up.all_progress(self.storage)],
-            "trying": self.update is not None and self.update.kind == up.KIND_REBOOT,
+            "trying": self.updates.trying,
             "boot_error": self.boot_error,
             "pending": self.pending,
             "uptime": round(time.monotonic() - self.booted_at, 3),
@@ -762,9 +510,9 @@ class Init:
             revision = request.get("revision")
             if not isinstance(revision, int) or isinstance(revision, bool):
                 return {"ok": False, "error": "revision must be an integer"}
-            return self.begin_update(revision)
+            return self.updates.begin(revision)
         if cmd == "rollback":
-            return self.begin_rollback()
+            return self.updates.rollback()
         if cmd == "inject" and os.environ.get("PVPY_TEST_FAULTS") == "1":
             self.fault = str(request.get("fault"))
             return {"ok": True}
@@ -846,8 +594,8 @@ class Init:
         if self.supervisor is not None:
             self.supervisor.tick()
         now = time.monotonic()
-        self.check_update(now)
-        self.check_health()
+        self.updates.check(now)
+        self.updates.check_health()
         if not self.pending:
             for helper in self.helpers:
                 helper.ensure(now)
@@ -906,9 +654,9 @@ class Init:
         While an update is testing, that is the update failing: record it and
         roll back first, so the next boot does not try it again.
         """
-        u = self.update
+        u = self.updates.update
         if u is not None and u.phase == "testing" and action == "reboot":
-            self.fail_update(u, reason)
+            self.updates.fail(u, reason)
         self.request(action, reason)
 
     def request(self, action: str, reason: str) -> None:

@@ -1,0 +1,297 @@
+"""PID 1's half of an update: apply, test, commit or roll back; GC after.
+
+The staging half (signature, objects, trail) runs elsewhere (``pvpy.update``);
+PID 1 receives "apply revision N" on its control socket and drives it from
+its loop: verify N in a child, classify against what runs, then either
+switch the changed containers (app-only) or write ``pv_try`` and reboot;
+TESTING until every goal held for the commit delay; commit (``pv_rev``) or
+roll back. Every boot reconciles the records a power cut left half way.
+The ``Init`` it belongs to gives it the storage, the boot environment, the
+supervisor, and the ways to verify, reboot and reach the running revision.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from pvpy.log import get_logger
+
+if TYPE_CHECKING:
+    from pvpy.init import Init
+
+log = get_logger("apply")
+
+
+class UpdateRun:
+    """An update PID 1 is applying or testing."""
+
+    def __init__(self, revision: int, kind: str, phase: str, old_state: Any = None) -> None:
+        self.revision = revision
+        self.kind = kind
+        self.phase = phase  # verifying, switching, testing, rollback
+        self.old_state = old_state
+        self.testing_since = 0.0
+        self.goals_met_at: float | None = None
+        self.restarts: dict[str, int] = {}
+
+
+class Applier:
+    """Drives the update under way (at most one) for PID 1."""
+
+    def __init__(self, init: Init) -> None:
+        self.init = init
+        self.update: UpdateRun | None = None
+        self.health_reported = False
+
+    @property
+    def trying(self) -> bool:
+        """A try-boot revision is under test."""
+        from pvpy.update import KIND_REBOOT
+
+        return self.update is not None and self.update.kind == KIND_REBOOT
+
+    def reconcile(self, booted: int | None) -> None:
+        """Make every update record tell the truth after a (re)boot.
+
+        A try that did not commit is ERROR (and pv_try cleared, after the
+        failure is recorded); a committed revision whose record a power cut
+        left unfinished is DONE/UPDATED; anything else left half-way was
+        interrupted: ERROR. A try we are booting now goes to TESTING.
+        """
+        from pvpy import update as up
+
+        env = self.init.bootenv.read()
+        committed = int(env["pv_rev"]) if env.get("pv_rev", "").isdigit() else None
+        trying = self.init.args.boot_revision if self.init.args.trying else None
+        failed_try = self.init.args.failed_try
+        if trying is not None and booted != trying:
+            failed_try = trying  # it would not even verify: we booted another one
+        if failed_try is not None:
+            record = up.read_progress(self.init.storage, failed_try)
+            if record is None or record.status != up.ERROR:
+                up.write_progress(self.init.storage, failed_try, up.ERROR,
+                                  "did not commit; rolled back to the last good revision",
+                                  kind=up.KIND_REBOOT)  # fmt: skip
+            self.init.bootenv.write({"pv_try": None, "pv_trying": None, "pv_bootcount": None})
+        for record in up.all_progress(self.init.storage):
+            if record.status in up.FINAL:
+                continue
+            if record.revision == trying and booted == trying:
+                continue
+            if record.revision == committed:
+                done = up.UPDATED if record.kind == up.KIND_APP else up.DONE
+                up.write_progress(self.init.storage, record.revision, done, "committed", 100,
+                                  kind=record.kind)  # fmt: skip
+            else:
+                reason = f"interrupted while {record.status}"
+                up.write_progress(
+                    self.init.storage, record.revision, up.ERROR, reason, kind=record.kind
+                )
+        if trying is not None and booted == trying:
+            up.write_progress(self.init.storage, trying, up.TESTING, "booted the try revision",
+                              kind=up.KIND_REBOOT)  # fmt: skip
+            up.persist_point("reboot:testing")
+            self.update = UpdateRun(trying, up.KIND_REBOOT, "testing")
+            self.update.testing_since = time.monotonic()
+
+    def begin(self, revision: int) -> dict[str, Any]:
+        """Apply an installed (staged) revision: verify it in a child first; the rest
+        happens in ``update_verified`` when that child exits."""
+        from pvpy.store import Storage
+
+        if self.update is not None:
+            return {"ok": False, "error": f"update to {self.update.revision} in progress"}
+        if self.init.pending is not None or self.init.supervisor is None:
+            return {"ok": False, "error": "device is not running a revision"}
+        if not Storage(self.init.storage).has_revision(revision):
+            return {"ok": False, "error": f"revision {revision} is not installed"}
+        from pvpy import update as up
+
+        # a fresh record: a rollback re-applies a revision whose old record is final
+        up.write_progress(self.init.storage, revision, up.INPROGRESS, "verifying before applying")
+        self.update = UpdateRun(revision, "", "verifying")
+        self.init.start_verify(revision, self.verified)
+        return {"ok": True, "accepted": revision}
+
+    def verified(self, revision: int, problem: str | None) -> None:
+        """The installed revision verified (or not): restart what changed, or try-boot."""
+        from pvpy import update as up
+        from pvpy.state import canonical
+        from pvpy.state.model import State
+        from pvpy.store import Storage
+
+        self.update = None
+        if problem is not None:
+            up.write_progress(self.init.storage, revision, up.WONTGO, problem)
+            return
+        if self.init.pending is not None or self.init.supervisor is None:
+            up.write_progress(self.init.storage, revision, up.ERROR, "device went down before it")
+            return
+        state_bytes, _ = Storage(self.init.storage).read_trail(revision)
+        new_state = State.from_dict(canonical.decode(state_bytes))
+        change = up.classify(self.init.supervisor.state, new_state)
+        if change.kind == up.KIND_REBOOT:
+            up.write_progress(self.init.storage, revision, up.INPROGRESS,
+                              f"{change.why}: rebooting into it", kind=up.KIND_REBOOT)  # fmt: skip
+            self.init.bootenv.write(
+                {"pv_try": str(revision), "pv_trying": None, "pv_bootcount": "0"}
+            )
+            up.persist_point("reboot:try")
+            self.init.request("reboot", f"update to revision {revision}")
+            return
+        restart = set(change.changed) | set(change.removed)
+        up.write_progress(self.init.storage, revision, up.INPROGRESS,
+                          f"restarting {sorted(restart | set(change.added))}",
+                          kind=up.KIND_APP)  # fmt: skip
+        self.update = UpdateRun(revision, up.KIND_APP, "switching", self.init.supervisor.state)
+        self.init.supervisor.switch(new_state, restart)
+
+    def check(self, now: float) -> None:
+        """Drive the update under way: switching -> testing -> commit or roll back."""
+        from pvpy import update as up
+
+        u, sup = self.update, self.init.supervisor
+        if u is None or sup is None or self.init.pending is not None:
+            return
+        if u.phase == "switching" and sup.pending_switch is None:
+            up.persist_point("app:switched")
+            u.phase = "testing"
+            u.testing_since = now
+            u.restarts = {n: m.total_restarts for n, m in sup.containers.items()}
+            up.write_progress(self.init.storage, u.revision, up.TESTING, "waiting for goals",
+                              kind=u.kind)  # fmt: skip
+            return
+        if u.phase == "rollback" and sup.pending_switch is None:
+            log.info("rolled back", revision=u.revision, running=sup.state.revision)
+            self.update = None
+            return
+        if u.phase != "testing":
+            return
+        if not u.restarts:
+            u.restarts = {n: m.total_restarts for n, m in sup.containers.items()}
+        failure = None
+        for name, m in sup.containers.items():
+            if m.status == "FAILED":
+                failure = f"{name} failed: {m.reason}"
+            elif m.total_restarts > u.restarts.get(name, 0):
+                failure = f"{name} exited while testing ({m.last_exit})"
+        if failure is None and sup.goals_missed:
+            failure = f"goals missed: {sup.goals_missed}"
+        if failure is None and sup.all_goals_met():
+            if u.goals_met_at is None:
+                u.goals_met_at = now
+                log.info("all goals met; commit after delay", delay=self.init.args.commit_delay)
+            if now - u.goals_met_at >= self.init.args.commit_delay:
+                self.commit(u)
+                return
+        elif failure is None:
+            u.goals_met_at = None
+            if now - u.testing_since > self.init.args.commit_timeout:
+                failure = f"goals not met within {self.init.args.commit_timeout:g}s"
+        if failure is not None:
+            self.fail(u, failure)
+
+    def check_health(self) -> None:
+        """A factory revision that misses its goals cannot roll back: say ERROR, run on.
+
+        (A revision that came by update is judged while TESTING instead.)
+        """
+        from pvpy import update as up
+
+        sup = self.init.supervisor
+        if self.health_reported or sup is None or self.update is not None or self.init.pending:
+            return
+        if sup.group_index < len(sup.groups) or self.init.revision is None:
+            return  # still starting
+        failed = [n for n, m in sup.containers.items() if m.status == "FAILED"]
+        if not failed and not sup.goals_missed:
+            return
+        self.health_reported = True
+        if up.read_progress(self.init.storage, self.init.revision) is None:
+            up.write_progress(
+                self.init.storage, self.init.revision, up.ERROR,
+                f"factory revision failing (failed: {failed}, goals missed: {sup.goals_missed});"
+                " nothing older to roll back to, keeps running",
+            )  # fmt: skip
+
+    def commit(self, u: UpdateRun) -> None:
+        from pvpy import update as up
+
+        if u.kind == up.KIND_APP:
+            self.init.bootenv.write({"pv_rev": str(u.revision)})
+            up.persist_point("app:commit")
+            up.write_progress(
+                self.init.storage, u.revision, up.UPDATED, "committed", 100, kind=u.kind
+            )
+        else:
+            self.init.bootenv.write(
+                {"pv_rev": str(u.revision), "pv_try": None, "pv_trying": None,
+                 "pv_bootcount": None}
+            )  # fmt: skip
+            up.persist_point("reboot:commit")
+            up.write_progress(self.init.storage, u.revision, up.DONE, "committed", 100, kind=u.kind)
+        self.init.revision = u.revision
+        self.update = None
+        self.collect_garbage()
+
+    def fail(self, u: UpdateRun, reason: str) -> None:
+        from pvpy import update as up
+
+        log.error("update failed; rolling back", revision=u.revision, reason=reason)
+        up.write_progress(self.init.storage, u.revision, up.ERROR, f"rolled back: {reason}",
+                          kind=u.kind)  # fmt: skip
+        if u.kind == up.KIND_APP:
+            up.persist_point("app:rollback")
+            change = up.classify(u.old_state, self.init.supervisor.state)
+            u.phase = "rollback"
+            self.init.supervisor.switch(
+                u.old_state, set(change.changed) | set(change.removed) | set(change.added)
+            )
+            return
+        up.persist_point("reboot:rollback")
+        # Record first, then clear the try: a cut in between still ends in ERROR.
+        self.init.bootenv.write({"pv_try": None, "pv_trying": None, "pv_bootcount": None})
+        self.update = None
+        self.init.request("reboot", f"revision {u.revision} failed testing")
+
+    def rollback(self) -> dict[str, Any]:
+        """Go back to the newest good revision older than the running one."""
+        from pvpy import update as up
+        from pvpy.store import Storage
+
+        if self.init.revision is None:
+            return {"ok": False, "error": "device is not running a revision"}
+        older = up.good_revisions_below(Storage(self.init.storage), self.init.revision)
+        if not older:
+            return {"ok": False, "error": "no older good revision is installed"}
+        reply = self.begin(max(older))
+        return {**reply, "revision": max(older)}
+
+    def pinned(self) -> set[int]:
+        """Revisions GC must keep: last good, try, running, and the good one before."""
+        from pvpy import update as up
+        from pvpy.store import Storage
+
+        env = self.init.bootenv.read() if self.init.bootenv else {}
+        pins = {int(v) for k in ("pv_rev", "pv_try") if (v := env.get(k, "")).isdigit()}
+        if self.init.revision is not None:
+            pins.add(self.init.revision)
+        older = up.good_revisions_below(Storage(self.init.storage), max(pins, default=0))
+        if older:
+            pins.add(max(older))
+        return pins
+
+    def collect_garbage(self) -> None:
+        from pvpy import update as up
+        from pvpy.store import Storage
+
+        try:
+            result = Storage(self.init.storage).gc(self.pinned())
+            log.info("garbage collected", revisions=result.removed_revisions,
+                     objects=len(result.removed_objects), freed=result.freed_bytes)  # fmt: skip
+            up.persist_point("gc:done")
+        except Exception as e:
+            log.warning("gc failed; nothing removed", error=str(e))
+
+    # -- control socket --------------------------------------------------------------

@@ -102,6 +102,29 @@ def set_parent_death_signal(signum: int) -> None:
     _check(_libc().prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0), "prctl")
 
 
+IN_CLOEXEC = 0o2000000
+IN_NONBLOCK = 0o4000
+IN_CLOSE_WRITE = 0x08
+IN_MOVED_TO = 0x80
+
+
+def inotify_init() -> int:
+    """A non-blocking, close-on-exec inotify fd."""
+    fd = int(_libc().inotify_init1(ctypes.c_int(IN_CLOEXEC | IN_NONBLOCK)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+    return fd
+
+
+def inotify_watch(fd: int, path: str, mask: int) -> int:
+    wd = int(_libc().inotify_add_watch(ctypes.c_int(fd), path.encode(), ctypes.c_uint32(mask)))
+    if wd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
+    return wd
+
+
 def mounted(target: str) -> bool:
     """Whether ``target`` is a mount point in this mount namespace."""
     target = os.path.realpath(target)

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pvpy import _run
+from pvpy import _linux, _run
 from pvpy.errors import PvpyError
 from pvpy.log import get_logger
 from pvpy.runtime import Runtime
@@ -161,6 +161,13 @@ class Supervisor:
         self._by_check_pid: dict[int, Managed] = {}
         self._tokens = 0
         self.pending_switch: tuple[State, set[str]] | None = None
+        # crun writes the pid file once the container runs: watching the bundle
+        # dirs says STARTED at once, where polling for it cost up to 50 ms
+        self.inotify_fd: int | None = None
+        try:
+            self.inotify_fd = _linux.inotify_init()
+        except OSError as e:
+            log.warning("no inotify: polling for started containers", error=str(e))
 
     # -- queries -------------------------------------------------------------
 
@@ -189,7 +196,7 @@ class Supervisor:
 
     def watched_fds(self) -> dict[int, int]:
         """Every fd PID 1 should wait on for us, with a token unique to its opening."""
-        fds: dict[int, int] = {}
+        fds: dict[int, int] = {} if self.inotify_fd is None else {self.inotify_fd: 0}
         for m in self.containers.values():
             if m.out_fd is not None:
                 fds[m.out_fd] = m.out_token
@@ -199,6 +206,12 @@ class Supervisor:
 
     def on_fd(self, fd: int) -> None:
         """An fd from ``watched_fds`` is readable."""
+        if fd == self.inotify_fd:
+            # drain the events; the tick after this wake-up reads the pid files
+            with contextlib.suppress(OSError):
+                while os.read(fd, 65536):
+                    pass
+            return
         for m in self.containers.values():
             if fd == m.out_fd:
                 self.on_output(fd)
@@ -233,6 +246,10 @@ class Supervisor:
         """Close every fd we hold (shutdown)."""
         for m in self.containers.values():
             self._close(m)
+        if self.inotify_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.inotify_fd)
+            self.inotify_fd = None
 
     def _close(self, m: Managed) -> None:
         for attr in ("notify_fd", "notify_keep", "out_fd"):
@@ -340,6 +357,13 @@ class Supervisor:
         self._open_notify(m)
         if m.log is None:
             m.log = LogSink(self.runtime.paths.log_file(m.name))
+        bundle = self.runtime.paths.bundle(m.name)
+        # a pid file of the last run would read as STARTED before this one runs
+        (bundle / "pid").unlink(missing_ok=True)
+        if self.inotify_fd is not None:  # watch before crun can write the new one
+            with contextlib.suppress(OSError):
+                _linux.inotify_watch(self.inotify_fd, str(bundle),
+                                     _linux.IN_CLOSE_WRITE | _linux.IN_MOVED_TO)  # fmt: skip
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         try:
@@ -579,7 +603,8 @@ class Supervisor:
             if m.stop_deadline is not None:
                 times.append(m.stop_deadline)
             if m.status == STARTING:
-                times.append(self.clock() + 0.05)  # poll for crun's pid file
+                # inotify wakes us when crun writes the pid file; poll only without it
+                times.append(self.clock() + (0.05 if self.inotify_fd is None else 1.0))
             if m.status == STARTED and m.spec.readiness is not None:
                 times.append(max(m.next_check, self.clock() + 0.01))
             if m.status in (STARTED, READY) and m.restarts:

@@ -210,6 +210,7 @@ def cmd_device_provision(args: argparse.Namespace) -> int:
 
     rev = provision(Path(args.storage), Path(args.state), [Path(p) for p in args.trust])
     print(f"provisioned revision {rev} into {args.storage}")
+    print(f"API token  {Path(args.storage) / 'config' / 'api-token'} (for --api-tcp clients)")
     print(f"next: pvpy device run --storage {args.storage}")
     return 0
 

@@ -70,8 +70,25 @@ def provision(storage_dir: Path, signed_dir: Path, trust_files: list[Path]) -> i
         shutil.copyfile(path, trust_dir / f"{i:02d}-{Path(path).name}")
     storage.install_revision(verified.revision, verified.state_bytes, verified.signature_bytes)
     FileBootEnv(storage.root / BOOTENV_FILE).write({"pv_rev": str(verified.revision)})
+    make_api_token(storage.root)
     log.info("provisioned", revision=verified.revision, storage=str(storage_dir))
     return verified.revision
+
+
+API_TOKEN_FILE = Path("config") / "api-token"
+
+
+def make_api_token(storage: Path) -> Path:
+    """The device's API bearer token (STORAGE/config/api-token, 0600), made once."""
+    import secrets
+
+    path = Path(storage) / API_TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+    return path
 
 
 def load_trust(storage: Path) -> object:

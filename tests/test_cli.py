@@ -141,3 +141,18 @@ def test_usage_errors_exit_2() -> None:
     result = pvpy("state", "frobnicate")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_provision_makes_a_private_api_token(tmp_path: Path, demo_rootfs: Path) -> None:
+    keys, rev = tmp_path / "keys", tmp_path / "rev"
+    ok("key", "gen", "--out", keys)
+    ok("state", "build", demo_rootfs / "spec.yaml", "--out", rev)
+    ok("state", "sign", rev, "--key", keys)
+    out = ok("device", "provision", "--storage", tmp_path / "dev", "--state", rev,
+             "--trust", keys / "pvpy.pub")
+    token = tmp_path / "dev" / "config" / "api-token"
+    assert str(token) in out
+    assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) >= 24
+    line = fails(10, "device", "provision", "--storage", tmp_path / "dev", "--state", rev,
+                 "--trust", keys / "pvpy.pub")
+    assert "already holds revisions" in line

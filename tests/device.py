@@ -54,6 +54,20 @@ def pvpy(*args: Any, check: bool = True, timeout: float = 120) -> subprocess.Com
     return result
 
 
+# an app that idles and stops on SIGTERM (as PID 1 of its namespace it must trap it)
+IDLE = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
+# updates in tests: commit after 1 s of goals held, give up after 8 s
+COMMIT = ("--commit-delay", "1", "--commit-timeout", "8")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 HOSTOS = {
     "role": "host-os",
     "rootfs": {"dir": str(DEMO / "build" / "hostos"), "all_root": True},
@@ -68,6 +82,15 @@ def app(script: str, **extra: Any) -> dict[str, Any]:
         "args": ["/bin/sh", "-c", script],
         **extra,
     }
+
+
+def variant(tmp_path: Path, name: str, script: str, **extra: Any) -> dict[str, Any]:
+    """An app on its own image (busybox + a marker file): updating to it sends one object."""
+    tree = tmp_path / "trees" / name
+    if not tree.exists():
+        shutil.copytree(BUSYBOX_TREE, tree, symlinks=True)
+        (tree / "etc" / "variant").write_text(name + "\n")
+    return {**app(script, **extra), "rootfs": {"dir": str(tree), "all_root": True}}
 
 
 def build_revision(

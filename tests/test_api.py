@@ -37,21 +37,23 @@ from pvpy.errors import (
     UsageError,
 )
 from pvpy.remote import Device
-from tests.device import BUSYBOX_TREE, HOSTOS, SandboxDevice, app, build_revision, pvpy
+from tests.device import (
+    COMMIT,
+    HOSTOS,
+    IDLE,
+    SandboxDevice,
+    app,
+    build_revision,
+    free_port,
+    pvpy,
+    variant,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 OPENAPI = REPO / "docs" / "openapi.yaml"
-IDLE = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
-COMMIT = ("--commit-delay", "1", "--commit-timeout", "8")
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def provision_token(storage: Path) -> str:
@@ -409,17 +411,6 @@ def test_bad_input_and_floods_leave_pid1_alone(tmp_path: Path, sandbox: Any, sig
         assert after["revision"] == 1 and after["pending"] is None
         assert pids(after) == pids(before)
         assert client.request("GET", "/v1/status")[0] == 200
-
-
-def variant(tmp_path: Path, name: str, script: str, **extra: Any) -> dict[str, Any]:
-    """An app on its own image (busybox + a marker file): pushing it sends one object."""
-    import shutil
-
-    tree = tmp_path / "trees" / name
-    if not tree.exists():
-        shutil.copytree(BUSYBOX_TREE, tree, symlinks=True)
-        (tree / "etc" / "variant").write_text(name + "\n")
-    return {**app(script, **extra), "rootfs": {"dir": str(tree), "all_root": True}}
 
 
 @pytest.mark.root

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from pvpy import update as up
-from tests.device import pvpy
-from tests.test_update import COMMIT, revisions
+from tests.device import COMMIT, pvpy
+from tests.test_update import revisions
 
 pytestmark = pytest.mark.root
 

@@ -13,7 +13,6 @@ import http.client
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,16 +26,17 @@ from pvpy import registry as reg
 from pvpy.errors import UsageError
 from pvpy.signing import SigningKey, generate_key
 from tests.conftest import write_revision
-from tests.device import BUSYBOX_TREE, HOSTOS, SandboxDevice, app, build_revision, pvpy
-
-IDLE = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
-COMMIT = ("--commit-delay", "1", "--commit-timeout", "8")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.device import (
+    COMMIT,
+    HOSTOS,
+    IDLE,
+    SandboxDevice,
+    app,
+    build_revision,
+    free_port,
+    pvpy,
+    variant,
+)
 
 
 class RegistryProcess:
@@ -200,15 +200,6 @@ def test_manifests_that_are_not_revisions() -> None:
 
 
 # -- with a sandbox device ---------------------------------------------------------------
-
-
-def variant(tmp_path: Path, name: str, script: str) -> dict[str, Any]:
-    """An app on its own image (busybox + a marker file): one new object."""
-    tree = tmp_path / "trees" / name
-    if not tree.exists():
-        shutil.copytree(BUSYBOX_TREE, tree, symlinks=True)
-        (tree / "etc" / "variant").write_text(name + "\n")
-    return {**app(script), "rootfs": {"dir": str(tree), "all_root": True}}
 
 
 def pids(status: dict[str, Any]) -> dict[str, int]:

@@ -24,7 +24,7 @@ from pvpy.signing import SigningKey, TrustStore, generate_key, sign_state
 from pvpy.state import State, canonical
 from pvpy.store import Storage
 from tests.conftest import minimal_state, write_revision
-from tests.device import BUSYBOX_TREE, HOSTOS, app, build_revision, pvpy
+from tests.device import COMMIT, HOSTOS, IDLE, app, build_revision, pvpy, variant
 
 # -- classify -------------------------------------------------------------------
 
@@ -184,19 +184,6 @@ def test_highest_revision_counts_committed_records(device_storage: Storage) -> N
 
 # -- in the sandbox ------------------------------------------------------------------
 
-IDLE = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
-COMMIT = ("--commit-delay", "1", "--commit-timeout", "8")
-
-
-def variant(tmp_path: Path, name: str, script: str, **extra: Any) -> dict[str, Any]:
-    """An app on its own image (busybox + a marker file): updating to it sends an object."""
-    import shutil
-
-    tree = tmp_path / "trees" / name
-    if not tree.exists():
-        shutil.copytree(BUSYBOX_TREE, tree, symlinks=True)
-        (tree / "etc" / "variant").write_text(name + "\n")
-    return {**app(script, **extra), "rootfs": {"dir": str(tree), "all_root": True}}
 
 
 def revisions(tmp_path: Path, keys: Path) -> dict[str, Path]:

@@ -187,19 +187,12 @@ class Registry:
         parts = urlsplit(url)
         if not parts.hostname:
             raise RegistryError(f"{url}: no host")
-        if parts.scheme == "https":
-            import ssl
+        if parts.scheme not in ("http", "https"):
+            raise RegistryError(f"{url}: not an http(s) URL")
+        from pvpy._http import http_connection
 
-            try:
-                context = ssl.create_default_context(cafile=self.cacert)
-            except (OSError, ssl.SSLError) as e:
-                raise UsageError(f"--cacert {self.cacert}: {e}") from e
-            return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
-                                               context=context, blocksize=1 << 16)  # fmt: skip
-        if parts.scheme == "http":
-            return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout,
-                                              blocksize=1 << 16)  # fmt: skip
-        raise RegistryError(f"{url}: not an http(s) URL")
+        return http_connection(parts.hostname, parts.port, parts.scheme == "https",
+                               self.cacert, timeout)  # fmt: skip
 
     def open(
         self,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, Protocol
 from urllib.parse import quote, urlsplit
 
+from pvpy._http import http_connection
 from pvpy.errors import PvpyError, UsageError
 
 UNREACHABLE = "unreachable"
@@ -115,17 +116,7 @@ class Device:
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if self.unix_path is not None:
             return _UnixConnection(self.unix_path, timeout)
-        if self.tls:
-            import ssl
-
-            try:
-                context = ssl.create_default_context(cafile=self.cacert)
-            except (OSError, ssl.SSLError) as e:
-                raise UsageError(f"--cacert {self.cacert}: {e}") from e
-            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
-                                               context=context, blocksize=1 << 16)  # fmt: skip
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout,
-                                          blocksize=1 << 16)  # fmt: skip
+        return http_connection(self.host, self.port, self.tls, self.cacert, timeout)
 
     def open(
         self,

@@ -17,6 +17,11 @@ Everything derived from packages is cached under ``cache`` (default
 or pvpy's sources change. The output directory holds ``disk.img``,
 ``uboot-env.img``, ``image.json`` (what ``pvpy qemu run`` reads), the factory
 revision (``revision/``), the trust key and the API token.
+
+Updates for an image: ``build_update(IMAGE_DIR, SPEC, OUT)`` builds a spec for
+the image's board with the image's BSP objects and key (``build_board_revision``
+underneath, which the factory revision uses too): a spec that changes only apps
+makes an app-only update, ready for ``pvpy device push``.
 """
 
 from __future__ import annotations
@@ -436,7 +441,7 @@ def _absolute_sources(doc: dict[str, Any], spec_dir: Path) -> None:
             container["rootfs"] = fix(container["rootfs"])
 
 
-def _arm64_busybox_trees(b: ImageBuild, doc: dict[str, Any]) -> None:
+def _arm64_busybox_trees(b: ImageBuild, doc: dict[str, Any], work: Path) -> None:
     """Busybox trees (rootfs/busybox-tree) built on the host carry the host's busybox:
     copy each one and put the board's busybox in its place. Other rootfs are left as
     they are (they must be built for the board already)."""
@@ -446,7 +451,7 @@ def _arm64_busybox_trees(b: ImageBuild, doc: dict[str, Any]) -> None:
         source = rootfs.get("dir") if isinstance(rootfs, dict) else rootfs
         if not isinstance(source, str) or not (Path(source) / "bin/busybox").is_file():
             continue
-        tree = b.work / "rootfs" / name
+        tree = work / "rootfs" / name
         shutil.rmtree(tree, ignore_errors=True)
         shutil.copytree(source, tree, symlinks=True)
         shutil.copy2(busybox, tree / "bin/busybox")
@@ -457,27 +462,91 @@ def _arm64_busybox_trees(b: ImageBuild, doc: dict[str, Any]) -> None:
         log.info("rootfs: arm64 busybox", container=name)
 
 
-def build_revision(b: ImageBuild) -> None:
-    """The spec with the board's BSP added, built and signed (the factory revision)."""
+def build_board_revision(
+    b: ImageBuild, spec: Path, out: Path, bsp_from: Path | None = None,
+    revision: int | None = None,
+) -> Path:  # fmt: skip
+    """``spec`` built for the board into ``out`` and signed with ``b.key``.
+
+    The board's BSP is added: its kernel, the initramfs and the kernel command
+    line (the board's, then the spec's). With ``bsp_from`` (a revision dir, e.g.
+    the factory ``b.revision_dir``) the BSP is taken from that revision instead,
+    object for object: a later revision built so differs from it only in what
+    the spec changes (an app-only update), whatever happened to the initramfs
+    cache since. Busybox trees get the board's busybox. Used for the factory
+    revision and for updates to an image. Raises PvpyError subclasses.
+    """
+    import tempfile
+
     import yaml
 
     from pvpy.signing import load_signing_key, sign_state
     from pvpy.spec import build, load_spec
+    from pvpy.state import canonical
     from pvpy.store import SIGNATURE_FILE, STATE_FILE, write_atomic
 
-    doc = load_spec(b.spec)
-    _absolute_sources(doc, b.spec.resolve().parent)
+    if b.key is None:
+        raise UsageError("no signing key for the revision (--key)")
+    key = load_signing_key(b.key)  # before the work: a wrong key path fails at once
+    doc = load_spec(spec)
+    _absolute_sources(doc, spec.resolve().parent)
     bsp = dict(doc.get("bsp") or {})
-    cmdline = " ".join(filter(None, [str(b.board.doc.get("cmdline") or ""), bsp.get("cmdline")]))
-    bsp.update(kernel=str(b.kernel), initrd=str(b.initrd), cmdline=cmdline)
+    if bsp_from is not None:
+        base = canonical.decode((bsp_from / STATE_FILE).read_bytes())["bsp"]
+        for part in ("kernel", "initrd", "dtb"):
+            if isinstance(base.get(part), dict):
+                bsp[part] = str(bsp_from / "objects" / base[part]["sha256"])
+        bsp["cmdline"] = base.get("cmdline", "")
+    else:
+        board_cmdline = str(b.board.doc.get("cmdline") or "")
+        cmdline = " ".join(filter(None, [board_cmdline, bsp.get("cmdline")]))
+        bsp.update(kernel=str(b.kernel), initrd=str(b.initrd), cmdline=cmdline)
     doc["bsp"] = bsp
-    _arm64_busybox_trees(b, doc)
-    spec = b.work / "spec.yaml"
-    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
-    b.revision_dir = b.out / "revision"
-    shutil.rmtree(b.revision_dir, ignore_errors=True)
-    result = build(spec, b.revision_dir)
-    b.revision = result.state.revision
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+        _arm64_busybox_trees(b, doc, Path(tmp))
+        board_spec = Path(tmp) / "spec.yaml"
+        board_spec.write_text(yaml.safe_dump(doc, sort_keys=False))
+        shutil.rmtree(out, ignore_errors=True)
+        build(board_spec, out, revision)
+    data = (out / STATE_FILE).read_bytes()
+    write_atomic(out / SIGNATURE_FILE, sign_state(data, [key]))
+    return out
+
+
+def build_update(
+    image: Path, spec: Path, out: Path, key: Path | None = None, cache: Path | None = None,
+    revision: int | None = None,
+) -> Path:  # fmt: skip
+    """A signed update for an image of ``build_image``: ``spec`` built for its board
+    into ``out`` with the image's factory BSP (the same kernel and initramfs
+    objects and command line: a spec that changes only apps makes an app-only
+    update), signed with ``key`` (default: the image's ``keys/``, made by an
+    image build without ``--key``; an image built with one needs it). The board's
+    packages come from the cache (fetched when missing). Returns ``out``.
+    Raises PvpyError subclasses.
+    """
+    image_dir = Path(image) if Path(image).is_dir() else Path(image).parent
+    try:
+        manifest = json.loads((image_dir / IMAGE_MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{image_dir}: not an image of `pvpy image build` ({e})") from e
+    board = load_board(str(manifest.get("board_dir") or manifest["board"]))
+    b = ImageBuild(board=board, out=image_dir, disk=image_dir / str(manifest["disk"]),
+                   spec=Path(spec), key=Path(key) if key else image_dir / "keys",
+                   cache=Path(cache or default_cache()), work=image_dir / ".work")  # fmt: skip
+    for step in (ensure_host_tools, fetch_packages, extract_packages):
+        step(b)
+    return build_board_revision(b, b.spec, Path(out), bsp_from=image_dir / "revision",
+                                revision=revision)  # fmt: skip
+
+
+def build_revision(b: ImageBuild) -> None:
+    """The spec with the board's BSP added, built and signed (the factory revision)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from pvpy.signing import load_signing_key
+    from pvpy.state import canonical
 
     if b.key is None:
         from pvpy.signing import generate_key
@@ -487,12 +556,9 @@ def build_revision(b: ImageBuild) -> None:
             generate_key(keys)
             log.warning("no --key: signed with a new development key", keys=str(keys))
         b.key = keys
+    b.revision_dir = build_board_revision(b, b.spec, b.out / "revision")
+    b.revision = int(canonical.decode((b.revision_dir / "state.json").read_bytes())["revision"])
     key = load_signing_key(b.key)
-    data = (b.revision_dir / STATE_FILE).read_bytes()
-    write_atomic(b.revision_dir / SIGNATURE_FILE, sign_state(data, [key]))
-
-    from cryptography.hazmat.primitives import serialization
-
     b.trust = b.out / "trust.pub"
     b.trust.write_bytes(key.private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip

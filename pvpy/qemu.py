@@ -203,20 +203,47 @@ class Machine:
         self.stop()
 
 
+class _Stop(Exception):
+    """SIGTERM or SIGHUP reached ``pvpy qemu run``: stop our QEMU, then end."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signal(signum: int, _frame: object) -> None:
+    raise _Stop(signum)
+
+
 def run(image: Path, port: int | None, timeout: float | None, until: str | None,
         log_path: Path | None, quiet: bool = False, no_reboot: bool = False) -> int:  # fmt: skip
-    """``pvpy qemu run``: 0 when QEMU ended by itself (or ``until`` matched), 124 on timeout."""
+    """``pvpy qemu run``: 0 when QEMU ended by itself (or ``until`` matched), 124 on
+    timeout, 130 on Ctrl-C, 128+N on SIGTERM/SIGHUP. QEMU runs in its own session
+    (a Ctrl-C meant for us must not kill it half way), so whatever ends us stops
+    it first: Python's default for SIGTERM would leave it running, orphaned."""
     machine = Machine(image, port, log_path, None if quiet else sys.stdout, no_reboot)
-    with machine:
+    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        machine.start()
         deadline = None if timeout is None else time.monotonic() + timeout
+        while machine.running():
+            if until is not None and machine.find(until) is not None:
+                return 0
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"pvpy: timeout after {timeout:g}s; stopping qemu", file=sys.stderr)
+                return 124
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return 130
+    except _Stop as e:
+        print(f"pvpy: {signal.Signals(e.signum).name}; stopping qemu", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for sig in previous:  # a second signal must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         try:
-            while machine.running():
-                if until is not None and machine.find(until) is not None:
-                    return 0
-                if deadline is not None and time.monotonic() > deadline:
-                    print(f"pvpy: timeout after {timeout:g}s; stopping qemu", file=sys.stderr)
-                    return 124
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            return 130
+            machine.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return machine.status or 0

@@ -24,24 +24,26 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from pvpy import _linux
-from pvpy.errors import DeviceError
+from pvpy._record import Record
+from pvpy.errors import CommandError, DeviceError
 from pvpy.log import get_logger
 
 log = get_logger("board")
 
 BOARD_FILE = "/etc/pvpy/board.json"
+UDHCPC_SCRIPT = "udhcpc.script"  # beside this module, in the image too
 _EXT_MAGIC_AT, _EXT_LABEL_AT = 1024 + 0x38, 1024 + 0x78
 
 __all__ = ["BOARD_FILE", "BoardConfig", "BootArgs", "boot_choice", "leave_rootfs"]
 
 
-@dataclass(frozen=True)
-class BoardConfig:
+class BoardConfig(Record):
     """The device side of a board description (``board.json`` in the image)."""
 
     name: str
@@ -49,12 +51,12 @@ class BoardConfig:
     storage_fstype: str = "ext4"
     storage_timeout: float = 10.0
     modules_on_demand: tuple[str, ...] = ()
-    network: dict[str, str] = field(default_factory=dict)  # mode: static|dhcp|none
+    network: Mapping[str, str] = MappingProxyType({})  # mode: static|dhcp|none
     watchdog_timeout: float = 3.0  # seconds to wait for /dev/watchdog after the modules
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> BoardConfig:
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls._fields)
         unknown = set(doc) - known
         if unknown:
             raise DeviceError(f"board file: unknown keys {sorted(unknown)}")
@@ -86,8 +88,7 @@ def load(path: Path) -> BoardConfig:
     return BoardConfig.from_dict(doc)
 
 
-@dataclass(frozen=True)
-class BootArgs:
+class BootArgs(Record):
     """The bootloader's choice as the kernel command line carries it."""
 
     revision: int | None
@@ -215,12 +216,17 @@ def setup_network(config: BoardConfig) -> None:
             commands.append(["ip", "route", "add", "default", "via", config.network["gateway"]])
     elif mode == "dhcp":
         # -n: give up when no lease comes; -q: quit once configured; -t 5 tries.
-        commands.append(["udhcpc", "-i", iface, "-n", "-q", "-t", "5", "-S"])
+        # -s: our event script, shipped in the package (busybox udhcpc applies
+        # no lease by itself, and the image has no /usr/share/udhcpc).
+        script = Path(__file__).with_name(UDHCPC_SCRIPT)
+        commands.append(["udhcpc", "-i", iface, "-n", "-q", "-t", "5", "-s", str(script)])
     for argv in commands:
-        result = _run.run(argv, check=False, timeout=30)
-        if result.returncode != 0:
-            log.warning("network command failed", argv=argv,
-                        error=result.stderr.decode(errors="replace").strip())  # fmt: skip
+        # A network that does not come up must not stop the boot (nor the boot
+        # choice and watchdog that board_setup handles after this): log, go on.
+        try:
+            _run.call(argv, timeout=30)
+        except CommandError as e:
+            log.warning("network command failed", argv=argv, error=str(e))
     log.info("network configured", mode=mode, interface=iface,
              address=config.network.get("address"))  # fmt: skip
 

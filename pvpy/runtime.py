@@ -27,11 +27,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pvpy import _linux, _run
+from pvpy._record import Record
 from pvpy.errors import CommandError, ContainerError
 from pvpy.log import get_logger
 from pvpy.state.model import Container, Volume
@@ -78,8 +78,7 @@ def bounding_capabilities() -> list[str]:
     return list(CAPABILITIES)
 
 
-@dataclass(frozen=True)
-class Paths:
+class Paths(Record):
     """Where a device keeps things: persistent storage and the volatile run dir."""
 
     storage: Path

@@ -24,10 +24,10 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pvpy._record import Record
 from pvpy.errors import (
     ObjectCorruptError,
     ObjectMissingError,
@@ -292,8 +292,7 @@ STATE_FILE = "state.json"
 SIGNATURE_FILE = "state.sig.json"
 
 
-@dataclass(frozen=True)
-class GcResult:
+class GcResult(Record):
     removed_objects: list[str]
     removed_revisions: list[int]
     freed_bytes: int

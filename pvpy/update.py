@@ -30,10 +30,10 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from pvpy._record import Record
 from pvpy.errors import (
     ManifestError,
     ObjectCorruptError,
@@ -85,8 +85,7 @@ def persist_point(name: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(Record):
     revision: int
     status: str
     reason: str = ""
@@ -153,8 +152,7 @@ def all_progress(storage: Path) -> list[Progress]:
 # -- classify -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(Record):
     kind: str
     changed: tuple[str, ...] = ()
     added: tuple[str, ...] = ()

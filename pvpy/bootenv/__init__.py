@@ -17,9 +17,9 @@ Raspberry Pi tryboot follow the same interface.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
+from pvpy._record import Record
 from pvpy.errors import BootEnvError
 
 __all__ = ["BootChoice", "BootEnv", "BootEnvError", "choose_boot", "open_bootenv"]
@@ -36,8 +36,7 @@ class BootEnv(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class BootChoice:
+class BootChoice(Record):
     """What the bootloader decided: the revision to boot and whether it is a try."""
 
     revision: int

@@ -48,9 +48,9 @@ import stat
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
+from pvpy._record import Record
 from pvpy.errors import BootEnvError, StoreError
 from pvpy.store import write_atomic
 
@@ -58,16 +58,14 @@ DEFAULT_SIZE = 0x40000
 LOCKFILE = Path("/var/lock/fw_printenv.lock")
 
 
-@dataclass(frozen=True)
-class _Place:
+class _Place(Record):
     """Where one copy lives."""
 
     path: Path
     offset: int
 
 
-@dataclass(frozen=True)
-class _Copy:
+class _Copy(Record):
     """One copy as read: ``values`` is None unless its CRC is good."""
 
     flags: int

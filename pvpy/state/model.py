@@ -6,14 +6,18 @@ never guesses. ``to_dict`` writes every field out explicitly, so
 ``State.from_dict(s.to_dict()) == s`` and a built state.json says exactly
 what the device will do.
 
-This module imports only the standard library: the device's PID 1 reads
-verified states through it without loading jsonschema.
+This module imports only the standard library, and little of it: the device's
+PID 1 reads verified states through it, so its classes are ``pvpy._record``
+records (not dataclasses) and ``typing`` is for the type checker only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from pvpy._record import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
+if TYPE_CHECKING:
+    from typing import Any
 
 SPEC = "pvpy-state@1"
 
@@ -43,8 +47,7 @@ DEFAULT_APP_CAPABILITIES = (
 )
 
 
-@dataclass(frozen=True)
-class ObjectRef:
+class ObjectRef(Record):
     """A content-addressed blob: its sha256 (hex) and its size in bytes."""
 
     sha256: str
@@ -58,7 +61,6 @@ class ObjectRef:
         return {"sha256": self.sha256, "size": self.size}
 
 
-@dataclass(frozen=True)
 class Image(ObjectRef):
     """A filesystem image object (a rootfs, the modules, the firmware)."""
 
@@ -76,8 +78,7 @@ def _opt(d: dict[str, Any], key: str, kind: type[ObjectRef]) -> Any:
     return kind.from_dict(d[key]) if key in d else None
 
 
-@dataclass(frozen=True)
-class Bsp:
+class Bsp(Record):
     kernel: ObjectRef | None = None
     initrd: ObjectRef | None = None
     dtb: ObjectRef | None = None
@@ -111,8 +112,7 @@ class Bsp:
         return [r for r in refs if r is not None]
 
 
-@dataclass(frozen=True)
-class Group:
+class Group(Record):
     name: str
     timeout_ms: int = DEFAULT_GROUP_TIMEOUT_MS
 
@@ -124,8 +124,7 @@ class Group:
         return {"name": self.name, "timeout_ms": self.timeout_ms}
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(Record):
     target: str
     type: str = "bind"
     source: str = ""
@@ -150,8 +149,7 @@ class Mount:
         }
 
 
-@dataclass(frozen=True)
-class Volume:
+class Volume(Record):
     """A writable directory mounted into a container.
 
     persistence: ``revision`` (kept while this revision lives),
@@ -170,8 +168,7 @@ class Volume:
         return {"name": self.name, "target": self.target, "persistence": self.persistence}
 
 
-@dataclass(frozen=True)
-class RestartPolicy:
+class RestartPolicy(Record):
     policy: str = "on-failure"
     max_retries: int = 10
     backoff_initial_ms: int = 1_000
@@ -204,8 +201,7 @@ APP_RESTART = RestartPolicy()
 HOST_OS_RESTART = RestartPolicy(policy="no", max_retries=0)
 
 
-@dataclass(frozen=True)
-class Readiness:
+class Readiness(Record):
     """How a container proves READY: a command exits 0, a file appears, a TCP
     port accepts, or the container says READY on its control socket (notify)."""
 
@@ -242,8 +238,7 @@ class Readiness:
         return out
 
 
-@dataclass(frozen=True)
-class CgroupLimits:
+class CgroupLimits(Record):
     memory_max: int | None = None
     cpu_weight: int | None = None
     cpu_max_percent: int | None = None
@@ -263,8 +258,7 @@ class CgroupLimits:
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
-@dataclass(frozen=True)
-class Container:
+class Container(Record):
     name: str
     rootfs: Image
     args: tuple[str, ...]
@@ -279,7 +273,7 @@ class Container:
     capabilities: tuple[str, ...] = DEFAULT_APP_CAPABILITIES
     namespaces: tuple[str, ...] = ("pid", "uts", "ipc")
     network: str = "host"
-    cgroup: CgroupLimits = field(default_factory=CgroupLimits)
+    cgroup: CgroupLimits = CgroupLimits()
     writable: str = "revision"
     volumes: tuple[Volume, ...] = ()
     restart: RestartPolicy = APP_RESTART
@@ -353,12 +347,11 @@ class Container:
         return out
 
 
-@dataclass(frozen=True)
-class State:
+class State(Record):
     revision: int
     containers: tuple[Container, ...]
     groups: tuple[Group, ...] = tuple(Group(n) for n in DEFAULT_GROUPS)
-    bsp: Bsp = field(default_factory=Bsp)
+    bsp: Bsp = Bsp()
     created: str | None = None
     expires: str | None = None
     description: str = ""

@@ -103,6 +103,7 @@ PENDING_FOR = 3600.0  # seconds a checked state keeps its objects' sizes pending
 MAX_PENDING = 8
 MAX_NAMES = 100_000  # object names in one /v1/objects/missing question
 MAX_TAIL = 10_000  # lines
+STOP_GRACE = 2.0  # seconds connections in flight get to finish when we are stopped
 BIG_BODY = 1 << 20  # a JSON body larger than this waits for one of BIG_BODIES slots
 BIG_BODIES = 2
 FOLLOW_POLL = 0.25
@@ -1271,9 +1272,14 @@ def serve(
     signum = signal.sigwait({signal.SIGTERM, signal.SIGINT})
     log.info("api stopping", signal=signal.Signals(signum).name)
     for server in servers:
-        server.shutdown()
+        server.shutdown()  # no new connections; those in flight go on
         server.server_close()
     with contextlib.suppress(OSError):
         sock_path.unlink()
+    # A reply in flight gets a moment to go out: PID 1 stops us as soon as it
+    # acts on a reboot/poweroff command, before that command's reply is written.
+    deadline = time.monotonic() + STOP_GRACE
+    while any(server.active for server in servers) and time.monotonic() < deadline:
+        time.sleep(0.05)
     # Uploads in flight die with us; their temp files are cleaned before the next staging.
     os._exit(0)

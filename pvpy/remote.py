@@ -354,8 +354,11 @@ def push(
 ) -> int:  # fmt: skip
     """``pvpy device push``: upload, apply, follow. Returns the exit code."""
     result = upload(device, signed_dir, say)
-    changed = f", restarting {', '.join(result.changed)}" if result.changed else ""
-    say(f"revision {result.revision}: {result.kind} update{changed}")
+    if result.kind:
+        changed = f", restarting {', '.join(result.changed)}" if result.changed else ""
+        say(f"revision {result.revision}: {result.kind} update{changed}")
+    else:  # the device classifies it once verified: the progress below tells
+        say(f"revision {result.revision}: accepted")
     if not wait:
         return 0
     return follow(device, result.revision, timeout, say)

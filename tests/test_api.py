@@ -491,6 +491,13 @@ def test_push_over_tcp_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Pat
     # 1 was garbage-collected after 3 committed: its refused push left a WONTGO record
     assert states == {1: "WONTGO", 2: "UPDATED", 3: "UPDATED", 4: "ERROR"}
 
+    # power off over TCP: the reply arrives (PID 1 stops the API process at once,
+    # the API lets the reply out first), then the sandbox ends by itself
+    assert Client(port, token).request("POST", "/v1/commands/poweroff") == (
+        202, {"command": "poweroff"})  # fmt: skip
+    assert device.proc is not None
+    assert device.proc.wait(60) == 0
+
 
 @pytest.mark.root
 def test_fuzz_the_api_from_its_openapi_document(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import ctypes
 import os
 from functools import cache
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
+if TYPE_CHECKING:
+    from typing import Any
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000

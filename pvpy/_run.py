@@ -11,10 +11,10 @@ import contextlib
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 from pvpy.errors import CommandError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
 if TYPE_CHECKING:
     import subprocess
 

@@ -13,11 +13,13 @@ supervisor, and the ways to verify, reboot and reach the running revision.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
 
 from pvpy.log import get_logger
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
 if TYPE_CHECKING:
+    from typing import Any
+
     from pvpy.init import Init
 
 log = get_logger("apply")

@@ -27,12 +27,15 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 from pvpy import _linux
 from pvpy._record import Record
 from pvpy.errors import CommandError, DeviceError
 from pvpy.log import get_logger
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = get_logger("board")
 

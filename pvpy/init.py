@@ -36,11 +36,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
 
 from pvpy import _linux
 from pvpy.apply import Applier
 from pvpy.log import configure, get_logger
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 log = get_logger("init")
 

@@ -28,13 +28,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from pvpy import _linux, _run
 from pvpy._record import Record
 from pvpy.errors import CommandError, ContainerError
 from pvpy.log import get_logger
 from pvpy.state.model import Container, Volume
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = get_logger("runtime")
 

@@ -25,7 +25,6 @@ import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
 
 from pvpy._record import Record
 from pvpy.errors import (
@@ -34,6 +33,10 @@ from pvpy.errors import (
     ObjectNameError,
     StoreError,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 CHUNK = 1 << 20
 

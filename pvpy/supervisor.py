@@ -31,13 +31,16 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from pvpy import _linux, _run
 from pvpy.errors import PvpyError
 from pvpy.log import get_logger
 from pvpy.runtime import Runtime
 from pvpy.state.model import Container, State
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = get_logger("supervisor")
 

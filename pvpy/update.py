@@ -31,7 +31,6 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pvpy._record import Record
 from pvpy.errors import (
@@ -47,7 +46,10 @@ from pvpy.log import get_logger
 from pvpy.state.model import ObjectRef, State
 from pvpy.store import Storage, write_atomic
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
 if TYPE_CHECKING:  # pvpy.trust pulls the crypto, which PID 1 (importing us) never loads
+    from typing import Any, BinaryIO
+
     from pvpy.trust import VerifiedRevision
 
 log = get_logger("update")

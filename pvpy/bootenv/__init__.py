@@ -16,24 +16,23 @@ Raspberry Pi tryboot follow the same interface.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
-
 from pvpy._record import Record
 from pvpy.errors import BootEnvError
 
 __all__ = ["BootChoice", "BootEnv", "BootEnvError", "choose_boot", "open_bootenv"]
 
-class BootEnv(Protocol):
-    name: str
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
+if TYPE_CHECKING:
+    from pvpy.bootenv._protocol import BootEnv
 
-    def read(self) -> dict[str, str]:
-        """All variables. Raises BootEnvError."""
-        ...
 
-    def write(self, changes: Mapping[str, str | None]) -> None:
-        """Set (str) or unset (None) variables in one atomic batch. Raises BootEnvError."""
-        ...
+def __getattr__(name: str) -> object:
+    # BootEnv on demand: a Protocol needs typing, which PID 1 does without.
+    if name == "BootEnv":
+        from pvpy.bootenv._protocol import BootEnv
+
+        return BootEnv
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class BootChoice(Record):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from importlib import resources
-from typing import Any
 
 from pvpy.errors import ManifestError
 from pvpy.state import canonical
@@ -29,6 +27,10 @@ from pvpy.state.model import (
     State,
     Volume,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "SPEC",
@@ -54,6 +56,10 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 @cache
 def load_schema() -> dict[str, Any]:
+    # On use: importlib.resources pulls typing, tempfile, random... (~2 MiB), and
+    # PID 1 imports this package for the model, never for the schema.
+    from importlib import resources
+
     text = resources.files("pvpy.state").joinpath("schema.json").read_text("utf-8")
     schema: dict[str, Any] = canonical.decode(text.encode())
     return schema

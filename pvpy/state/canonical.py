@@ -9,9 +9,12 @@ because their text form is not unique), booleans and null as usual.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from pvpy.errors import ManifestError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _check(value: Any, path: str) -> None:

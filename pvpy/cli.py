@@ -431,7 +431,7 @@ def cmd_device_command(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
-    from pvpy.image import build_image
+    from pvpy.image import build_image, is_rpi
 
     b = build_image(args.board, Path(args.out), spec=Path(args.spec) if args.spec else None,
                     key=Path(args.key) if args.key else None,
@@ -439,7 +439,10 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     took = sum(b.timings.values())
     print(f"image {b.disk} ({b.board.name}, revision {b.revision}, {b.kernel_package}) "
           f"in {took:.1f}s")  # fmt: skip
-    print(f"next: pvpy qemu run {b.out}")
+    if is_rpi(b.board):
+        print(f"next: write {b.disk} to an SD card (README: Raspberry Pi 4/5)")
+    else:
+        print(f"next: pvpy qemu run {b.out}")
     return 0
 
 
@@ -673,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
         "storage and writes disk.img + the bootloader files. Installs missing Debian host "
         "tools with apt-get.",
     )  # fmt: skip
-    p.add_argument("--board", required=True, help="boards/<name> (e.g. qemu-arm64) or a dir")
+    p.add_argument("--board", required=True,
+                   help="boards/<name> (qemu-arm64, rpi4, rpi5) or a board dir")
     p.add_argument("--out", required=True, metavar="DIR_OR_IMG")
     p.add_argument("--spec", help="revision spec (default examples/demo/spec.yaml)")
     p.add_argument("--key", help="signing key (default: a new dev key in OUT/keys)")

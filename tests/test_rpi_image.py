@@ -1,0 +1,428 @@
+"""Raspberry Pi 4/5 images (boards/rpi4, boards/rpi5): structure, tryboot A/B, a QEMU boot.
+
+There is no Raspberry Pi here, so what only the Pi's firmware does is not
+tested: loading config.txt, honouring autoboot.txt and the one-shot tryboot
+flag. What is tested is everything pvpy writes for it, read back from the
+disk image with the tools a person would use (sfdisk, mtools, the ext4
+superblock): the MBR, the files of each FAT partition, config.txt,
+cmdline.txt and autoboot.txt; the commit and the rollback of a try done by
+``pvpy.bootenv.rpi.RpiTryboot`` on the image's own config partition (the
+firmware's device-tree report of a tryboot is the one thing faked); and the
+image's kernel and initramfs booted on QEMU's ``virt`` machine with the SD
+image as a virtio disk, up to pvpy as PID 1 with its containers running and
+its API answering over DHCP.
+
+Fast (no marker): the layout built by the same functions from a tiny fake BSP.
+Slow (marker ``qemu``): real images from Debian's arm64 packages (shared
+cache ~/.cache/pvpy, ~15 s per image once cached) and the QEMU boots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+
+from pvpy.bootenv.rpi import AUTOBOOT, AUTOBOOT_MAX, ENV_FILE, RpiTryboot, autoboot_text
+from pvpy.errors import BootEnvError, PvpyError
+from pvpy.image import (
+    DEFAULT_SPEC,
+    IMAGE_MANIFEST,
+    RPI_CMDLINE,
+    RPI_CONFIG,
+    RPI_INITRD,
+    RPI_KERNEL,
+    ImageBuild,
+    build_image,
+    build_rpi_disk,
+    load_board,
+    rpi_layout,
+    write_rpi_manifest,
+)
+from pvpy.qemu import Machine, ensure_qemu
+from pvpy.signing import generate_key
+from pvpy.state import canonical
+from pvpy.store import ObjectStore
+from tests.conftest import write_revision
+from tests.device import free_port
+
+qemu = pytest.mark.qemu
+
+REPO = Path(__file__).resolve().parent.parent
+BOOT_TIMEOUT = 240.0  # TCG on a busy 2-core box; ~60 s when idle
+MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+# -- reading a disk image back ------------------------------------------------------------
+
+
+def partitions(disk: Path) -> dict[str, Any]:
+    """``sfdisk --json``'s partition table."""
+    out = subprocess.run(["sfdisk", "--json", str(disk)], check=True, capture_output=True)
+    table: dict[str, Any] = json.loads(out.stdout)["partitiontable"]
+    return table
+
+
+def offset(disk: Path, number: int) -> int:
+    return int(partitions(disk)["partitions"][number - 1]["start"]) * 512
+
+
+def fat_names(disk: Path, number: int) -> set[str]:
+    """The file names in the root of FAT partition ``number`` (mdir, long names)."""
+    out = subprocess.run(["mdir", "-b", "-i", f"{disk}@@{offset(disk, number)}", "::/"],
+                         check=True, capture_output=True, env=MTOOLS_ENV)  # fmt: skip
+    return {line.removeprefix("::/") for line in out.stdout.decode().split()}
+
+
+def fat_read(disk: Path, number: int, name: str) -> bytes:
+    out = subprocess.run(["mcopy", "-n", "-i", f"{disk}@@{offset(disk, number)}", f"::/{name}", "-"],
+                         check=True, capture_output=True, env=MTOOLS_ENV)  # fmt: skip
+    return out.stdout
+
+
+def fat_write(disk: Path, number: int, name: str, source: Path) -> None:
+    subprocess.run(["mcopy", "-o", "-i", f"{disk}@@{offset(disk, number)}", str(source),
+                    f"::/{name}"], check=True, capture_output=True, env=MTOOLS_ENV)  # fmt: skip
+
+
+def fat_label(disk: Path, number: int) -> str:
+    out = subprocess.run(["mlabel", "-s", "-i", f"{disk}@@{offset(disk, number)}", "::"],
+                         check=True, capture_output=True, env=MTOOLS_ENV)  # fmt: skip
+    return out.stdout.decode().split(" is ", 1)[-1].strip()
+
+
+def ext4_label(disk: Path, number: int) -> str | None:
+    """The volume label of an ext4 partition, from its superblock (None: not ext*)."""
+    with open(disk, "rb") as f:
+        f.seek(offset(disk, number) + 1024)
+        sb = f.read(1024)
+    if struct.unpack_from("<H", sb, 0x38)[0] != 0xEF53:
+        return None
+    return sb[0x78:0x88].rstrip(b"\0").decode()
+
+
+def need_disk_tools() -> None:
+    for tool in ("sfdisk", "mkfs.vfat", "mcopy", "mdir", "mlabel", "mkfs.ext4"):
+        if shutil.which(tool, path=MTOOLS_ENV["PATH"]) is None:
+            pytest.skip(f"{tool} not installed (tools/setup installs fdisk, dosfstools, mtools)")
+
+
+# -- what every rpi image must look like -----------------------------------------------------
+
+
+def check_layout(disk: Path, image_dir: Path, revision_dir: Path) -> None:
+    """The MBR, the FAT partitions' files and contents, the storage's label, as the
+    board and the signed factory revision say."""
+    manifest = json.loads((image_dir / IMAGE_MANIFEST).read_text())
+    board = load_board(manifest["board_dir"])
+    layout = rpi_layout(board)
+    parts = board.get("partitions")
+    table = partitions(disk)
+    assert table["label"] == "dos"  # the firmware reads MBR, not GPT
+    assert [p["type"] for p in table["partitions"]] == [str(p["type"]) for p in parts]
+    for entry, part in zip(table["partitions"], parts, strict=True):
+        assert entry["start"] % 2048 == 0, entry  # 1 MiB aligned
+        assert entry["size"] * 512 == int(part["size"].rstrip("M")) << 20, entry
+    assert (layout.config, layout.boot, layout.storage) == (1, (2, 3), 4)
+    assert manifest["partitions"] == {"config": 1, "boot": [2, 3], "storage": 4}
+
+    # p1: what the firmware reads first, and pvpy's variables beside it.
+    assert fat_label(disk, 1) == "PVCONFIG"
+    assert fat_names(disk, 1) == {AUTOBOOT, ENV_FILE}
+    autoboot = fat_read(disk, 1, AUTOBOOT)
+    assert autoboot == b"[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n"
+    assert len(autoboot) <= AUTOBOOT_MAX
+    assert fat_read(disk, 1, ENV_FILE) == b"pv_rev=1\nrpi_boot_partition=2\n"
+
+    # p2, p3: the same boot files (revision 1 in both), the BSP objects byte for byte.
+    state = canonical.decode((revision_dir / "state.json").read_bytes())
+    bsp = state["bsp"]
+    fw = board.get("bootloader", "firmware")
+    dtb = Path(board.get("dtb")).name if "dtb" in bsp else None
+    expected = {*fw["files"], RPI_KERNEL, RPI_INITRD, RPI_CONFIG, RPI_CMDLINE}
+    if dtb:
+        expected.add(dtb)
+    for number, label in ((2, "PVBOOTA"), (3, "PVBOOTB")):
+        assert fat_label(disk, number) == label
+        assert fat_names(disk, number) == expected
+        for name, part in ((RPI_KERNEL, "kernel"), (RPI_INITRD, "initrd"), (dtb, "dtb")):
+            if name is not None:
+                data = fat_read(disk, number, name)
+                assert hashlib.sha256(data).hexdigest() == bsp[part]["sha256"], (number, name)
+        config = fat_read(disk, number, RPI_CONFIG).decode().splitlines()
+        for line in ("arm_64bit=1", "enable_uart=1", "dtparam=watchdog=on", f"kernel={RPI_KERNEL}",
+                     f"initramfs {RPI_INITRD} followkernel"):  # fmt: skip
+            assert line in config, (number, config)
+        assert (f"device_tree={dtb}" in config) == bool(dtb), config
+        cmdline = fat_read(disk, number, RPI_CMDLINE).decode()
+        assert cmdline.count("\n") == 1 and cmdline.endswith("\n"), cmdline  # one line
+        assert cmdline.split() == [f"console={board.get('console')}", *bsp["cmdline"].split(),
+                                   "pv_rev=1"]  # fmt: skip
+    assert ext4_label(disk, 4) == "pvstorage"
+
+
+def check_tryboot(disk: Path, work: Path) -> None:
+    """RpiTryboot on the image's config partition: a try that the firmware abandons
+    leaves autoboot.txt alone; a try it booted is committed by swapping A and B."""
+    work.mkdir(parents=True)
+    boot_dir, dt = work / "config", work / "dt"
+    boot_dir.mkdir()
+    dt.mkdir()
+    for name in fat_names(disk, 1):
+        (boot_dir / name).write_bytes(fat_read(disk, 1, name))
+    # The firmware's report in /proc/device-tree/chosen/bootloader (faked: no Pi).
+    tryboot, partition = dt / "tryboot", dt / "partition"
+
+    def firmware_booted(part: int, flag: bool) -> None:
+        tryboot.write_bytes(struct.pack(">I", int(flag)))
+        partition.write_bytes(struct.pack(">I", part))
+
+    env = RpiTryboot(boot_dir, dt_bootloader=dt)
+    factory = (boot_dir / AUTOBOOT).read_bytes()
+    firmware_booted(2, False)
+    assert env.read()["pv_rev"] == "1" and env.committed_partition() == 2
+
+    # Revision 2's files went to partition 3; pv_try set, then reboot "0 tryboot".
+    env.write({"pv_try": "2", "pv_bootcount": "0"})
+    assert (boot_dir / AUTOBOOT).read_bytes() == factory  # the default stays A
+    # Rollback: the try hung, the watchdog reset the board, the one-shot flag was
+    # gone: the firmware booted A again. Committing 2 from there is refused ...
+    firmware_booted(2, False)
+    with pytest.raises(BootEnvError, match="not booted with tryboot"):
+        env.write({"pv_rev": "2", "pv_try": None})
+    # ... and PID 1 records the failure and clears the try: autoboot.txt untouched.
+    env.write({"pv_try": None, "pv_bootcount": None})
+    assert (boot_dir / AUTOBOOT).read_bytes() == factory
+    assert env.read() == {"pv_rev": "1", "rpi_boot_partition": "2"}
+
+    # Commit: revision 2 again on partition 3, and this time the firmware booted it.
+    env.write({"pv_try": "2", "pv_bootcount": "0"})
+    firmware_booted(3, True)
+    env.write({"pv_rev": "2", "pv_try": None, "pv_bootcount": None})
+    committed = autoboot_text(3, 2).encode()
+    assert (boot_dir / AUTOBOOT).read_bytes() == committed
+    assert committed == b"[all]\ntryboot_a_b=1\nboot_partition=3\n[tryboot]\nboot_partition=2\n"
+    assert env.read() == {"pv_rev": "2", "rpi_boot_partition": "3"}
+
+    # The rewrite, back on the image's FAT partition, reads back the same.
+    copy = work / "disk.img"
+    subprocess.run(["cp", "--sparse=always", str(disk), str(copy)], check=True)
+    for name in (AUTOBOOT, ENV_FILE):
+        fat_write(copy, 1, name, boot_dir / name)
+    assert fat_read(copy, 1, AUTOBOOT) == committed
+    assert fat_names(copy, 1) == {AUTOBOOT, ENV_FILE}  # no temp files left behind
+    # And the next commit (B -> A) swaps back.
+    env.write({"pv_try": "3", "pv_bootcount": "0"})
+    firmware_booted(2, True)
+    env.write({"pv_rev": "3", "pv_try": None, "pv_bootcount": None})
+    assert (boot_dir / AUTOBOOT).read_bytes() == factory
+
+
+# -- fast: the layout from a fake BSP (no packages, no QEMU) ---------------------------------
+
+
+@pytest.fixture
+def fake_image(tmp_path: Path) -> ImageBuild:
+    """``build_rpi_disk`` on a board like rpi4 with small partitions, fake firmware
+    files and a signed revision whose BSP objects are a few bytes each."""
+    need_disk_tools()
+    board_dir = tmp_path / "board" / "rpi-small"
+    board_dir.mkdir(parents=True)
+    text = (REPO / "boards/rpi4/board.yaml").read_text()
+    text = text.replace("name: rpi4", "name: rpi-small").replace("size: 256M", "size: 40M")
+    text = text.replace("size: 512M", "size: 8M")
+    (board_dir / "board.yaml").write_text(text)
+    board = load_board(str(board_dir))
+    firmware = tmp_path / "firmware"
+    fw = board.get("bootloader", "firmware")
+    for name in fw["files"]:
+        (firmware / fw["dir"]).mkdir(parents=True, exist_ok=True)
+        (firmware / fw["dir"] / name).write_bytes(f"firmware {name}".encode())
+    revision = tmp_path / "revision"
+    objects = ObjectStore(revision / "objects").ensure()
+    bsp: dict[str, Any] = {"cmdline": "quiet loglevel=3"}
+    for part in ("kernel", "initrd", "dtb"):
+        data = f"fake {part}".encode()
+        bsp[part] = {"sha256": objects.put_bytes(data), "size": len(data)}
+    write_revision(revision, 1, [generate_key(tmp_path / "key")], bsp=bsp)
+    storage = tmp_path / "storage"
+    (storage / "trails").mkdir(parents=True)
+    (storage / "bootenv").write_text("pv_rev=1\n")
+    out = tmp_path / "img"
+    (out / ".work").mkdir(parents=True)
+    b = ImageBuild(board=board, out=out, disk=out / "disk.img", spec=DEFAULT_SPEC, key=None,
+                   cache=tmp_path / "cache", work=out / ".work", revision=1,
+                   revision_dir=revision, storage=storage, firmware_root=firmware)  # fmt: skip
+    build_rpi_disk(b)
+    write_rpi_manifest(b)
+    return b
+
+
+def test_layout_of_a_fake_bsp(fake_image: ImageBuild) -> None:
+    check_layout(fake_image.disk, fake_image.out, fake_image.revision_dir)
+    assert not list(fake_image.work.glob("part*.img")), "partition images left behind"
+
+
+def test_tryboot_commit_and_rollback_on_the_config_partition(
+    fake_image: ImageBuild, tmp_path: Path,
+) -> None:  # fmt: skip
+    check_tryboot(fake_image.disk, tmp_path / "tryboot")
+
+
+def test_layout_refuses_a_board_without_a_b(tmp_path: Path) -> None:
+    from pvpy.errors import ManifestError
+
+    board_dir = tmp_path / "rpi-bad"
+    board_dir.mkdir()
+    text = (REPO / "boards/rpi4/board.yaml").read_text().replace("name: rpi4", "name: rpi-bad")
+    text = text.replace("label: PVBOOTB, size: 256M, content: boot", "label: PVBOOTB, size: 256M")
+    (board_dir / "board.yaml").write_text(text)
+    with pytest.raises(ManifestError, match="two 'content: boot'"):
+        rpi_layout(load_board(str(board_dir)))
+
+
+# -- slow: real images, booted -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/demo's specs with their rootfs trees built here (as test_qemu.py does)."""
+    demo = tmp_path_factory.mktemp("demo")
+    for spec in DEFAULT_SPEC.parent.glob("spec*.yaml"):
+        shutil.copy(spec, demo / spec.name)
+    for overlay in sorted((DEFAULT_SPEC.parent / "overlays").iterdir()):
+        subprocess.run([str(REPO / "rootfs/busybox-tree"), str(demo / "build" / overlay.name),
+                        str(overlay)], check=True, capture_output=True)  # fmt: skip
+    return demo / "spec.yaml"
+
+
+@pytest.fixture(scope="module", params=["rpi4", "rpi5"])
+def image(request: pytest.FixtureRequest, demo_spec: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> ImageBuild:  # fmt: skip
+    board = str(request.param)
+    return build_image(board, tmp_path_factory.mktemp(board) / "img", spec=demo_spec)
+
+
+@qemu
+@pytest.mark.timeout(900)
+def test_image_structure(image: ImageBuild) -> None:
+    check_layout(image.disk, image.out, image.revision_dir)
+    bsp = canonical.decode((image.revision_dir / "state.json").read_bytes())["bsp"]
+    if image.board.name == "rpi4":
+        assert {"start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb"} <= fat_names(image.disk, 2)
+        assert image.dtb is not None and bsp["dtb"]["size"] == image.dtb.stat().st_size
+    else:  # bookworm's kernel has no BCM2712 tree; the Pi 5 needs no start*.elf
+        assert "dtb" not in bsp and image.dtb is None
+        assert not any(n.endswith((".elf", ".dtb")) for n in fat_names(image.disk, 2))
+    # The storage partition holds the provisioned factory revision (file boot env).
+    storage = image.out / "storage.img"
+    part = partitions(image.disk)["partitions"][3]
+    subprocess.run(["dd", f"if={image.disk}", f"of={storage}", "bs=512", f"skip={part['start']}",
+                    f"count={part['size']}", "conv=sparse", "status=none"], check=True)  # fmt: skip
+    listing = subprocess.run(["debugfs", "-R", "ls -p /trails", str(storage)], check=True,
+                             capture_output=True).stdout.decode()  # fmt: skip
+    assert "/1/" in listing, listing
+    bootenv = subprocess.run(["debugfs", "-R", "cat /bootenv", str(storage)], check=True,
+                             capture_output=True).stdout.decode()  # fmt: skip
+    assert "pv_rev=1" in bootenv.splitlines(), bootenv
+    storage.unlink()
+
+
+@qemu
+@pytest.mark.timeout(900)
+def test_image_tryboot_commit_and_rollback(image: ImageBuild, tmp_path: Path) -> None:
+    check_tryboot(image.disk, tmp_path / "tryboot")
+
+
+def wait_for_other_qemu(limit: float = 1800.0) -> None:
+    """Do not boot beside another QEMU run (e.g. tests/test_qemu.py in another
+    session): two TCG guests on two cores starve each other into timeouts."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        busy = subprocess.run(["pgrep", "-f", "qemu-system-aarch64"], capture_output=True)
+        if busy.returncode != 0:
+            return
+        time.sleep(5)
+
+
+@pytest.fixture
+def booted(image: ImageBuild, tmp_path: Path) -> Iterator[tuple[Machine, int]]:
+    """The image's kernel, initramfs and command line from boot partition A, booted
+    with ``-kernel/-initrd/-append`` on QEMU virt (the Pi's firmware does the same
+    from config.txt), the SD image as virtio disk; its API port forwarded."""
+    try:
+        ensure_qemu()
+    except PvpyError as e:
+        pytest.skip(f"qemu-system-aarch64 cannot be installed: {e}")
+    kernel, initrd = tmp_path / RPI_KERNEL, tmp_path / RPI_INITRD
+    kernel.write_bytes(fat_read(image.disk, 2, RPI_KERNEL))
+    initrd.write_bytes(fat_read(image.disk, 2, RPI_INITRD))
+    q = image.board.get("qemu")
+    # The Pi's serial console is not virt's: only the console= word changes.
+    words = fat_read(image.disk, 2, RPI_CMDLINE).decode().split()
+    cmdline = " ".join(f"console={q['console']}" if w.startswith("console=") else w
+                       for w in words)  # fmt: skip
+    disk = tmp_path / "disk.img"  # the guest writes its storage: keep the fixture's clean
+    subprocess.run(["cp", "--sparse=always", str(image.disk), str(disk)], check=True)
+    port = free_port()
+    argv = [
+        "qemu-system-aarch64", "-M", str(q["machine"]), "-cpu", str(q["cpu"]),
+        "-m", str(q["memory"]), "-nographic", "-no-reboot",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+        "-drive", f"if=none,id=disk0,format=raw,file={disk}",
+        "-device", "virtio-blk-pci,drive=disk0",
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:8000",
+        "-device", "virtio-net-pci,netdev=net0,romfile=",
+        "-device", "virtio-rng-pci",
+    ]  # fmt: skip
+    wait_for_other_qemu()
+    # pvpy.qemu knows U-Boot images only; Machine's console capture is what we want.
+    with mock.patch("pvpy.qemu.qemu_argv", return_value=argv):
+        machine = Machine(image.out, port=None, log_path=tmp_path / "console.log")
+    with machine:
+        yield machine, port
+
+
+@qemu
+@pytest.mark.timeout(900)
+def test_image_kernel_and_initrd_boot_pvpy(image: ImageBuild,
+                                           booted: tuple[Machine, int]) -> None:  # fmt: skip
+    import urllib.request
+
+    m, port = booted
+    m.wait_for(r'"event": "modules loaded"', BOOT_TIMEOUT)
+    m.wait_for(r'"device": "/dev/vda4".*"spec": "LABEL=pvstorage".*"event": "storage mounted"',
+               60)  # fmt: skip
+    m.wait_for(r'"mode": "dhcp", "interface": "eth0".*"event": "network configured"', 60)
+    m.wait_for(r'"revision": 1, "trying": false, "failed_try": null, "event": "boot choice"', 60)
+    m.wait_for(r'"revision": 1, "trying": false, "event": "booting revision"', BOOT_TIMEOUT)
+    m.wait_for(r'"name": "hostos", "status": "STARTED"', BOOT_TIMEOUT)
+    m.wait_for(r'"name": "web", "status": "READY"', BOOT_TIMEOUT)
+    # The API through the DHCP-configured interface and the forwarded port.
+    token = (image.out / "api-token").read_text().strip()
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/status",
+                                         headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                status = json.loads(resp.read())
+            if status["all_goals_met"]:
+                break
+        except OSError:
+            pass
+        assert m.running() and time.monotonic() < deadline, "the API did not answer"
+        time.sleep(1)
+    assert status["pid"] == 1 and status["revision"] == 1  # pvpy init is PID 1
+    states = {c["name"]: c["status"] for c in status["containers"]}
+    assert states == {"hostos": "STARTED", "hello": "STARTED", "web": "READY"}
+    assert m.find(r"Traceback") is None, "a Python traceback on the console"

@@ -346,11 +346,18 @@ def test_image_tryboot_commit_and_rollback(image: ImageBuild, tmp_path: Path) ->
 def wait_for_other_qemu(limit: float = 1800.0) -> None:
     """Do not boot beside another QEMU run (e.g. tests/test_qemu.py in another
     session): two TCG guests on two cores starve each other into timeouts."""
+    def running() -> bool:  # argv[0] only: `pgrep -f` also matches shells naming it
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv0 = cmdline.read_bytes().split(b"\0", 1)[0]
+            except OSError:
+                continue
+            if Path(argv0.decode(errors="replace")).name == "qemu-system-aarch64":
+                return True
+        return False
+
     deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        busy = subprocess.run(["pgrep", "-f", "qemu-system-aarch64"], capture_output=True)
-        if busy.returncode != 0:
-            return
+    while running() and time.monotonic() < deadline:
         time.sleep(5)
 
 

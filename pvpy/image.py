@@ -11,6 +11,13 @@ The pipeline (``build``), one step each, in order::
     build_disk           GPT: storage (mkfs.ext4 -d, no mount), pvmarker; placed with dd
     build_env_flash      U-Boot's env flash: its defaults + the board's bootcmd
 
+Raspberry Pi boards (``bootloader.type: rpi-tryboot``: boards/rpi4, boards/rpi5)
+run ``RPI_STEPS`` instead: the same packages, initramfs, revision and storage,
+plus ``fetch_firmware`` (raspi-firmware, from non-free-firmware) and
+``find_dtb`` (the device tree, a BSP object of the revision), and
+``build_rpi_disk``: MBR with the tryboot config partition, boot A and B, the
+storage (see the "Raspberry Pi" section below).
+
 No root-only tricks: no loop device and no mount, so nothing is left behind.
 Everything derived from packages is cached under ``cache`` (default
 ``~/.cache/pvpy``): the initramfs is rebuilt only when the packages, the board
@@ -209,6 +216,8 @@ class ImageBuild:
     revision_dir: Path = Path()
     storage: Path = Path()
     trust: Path = Path()
+    dtb: Path | None = None  # the board's device tree, from the kernel package (rpi)
+    firmware_root: Path = Path()  # the extracted boot firmware package (rpi)
 
     @property
     def apt(self) -> Path:
@@ -216,6 +225,9 @@ class ImageBuild:
 
 
 def ensure_host_tools(b: ImageBuild) -> None:
+    if is_rpi(b.board):  # build_update runs this step for every board
+        ensure_rpi_host_tools(b)
+        return
     ensure_debian_packages(HOST_TOOLS, {str(b.board.u_boot): b.board.get("bootloader", "package")})
 
 
@@ -501,6 +513,8 @@ def build_board_revision(
         board_cmdline = str(b.board.doc.get("cmdline") or "")
         cmdline = " ".join(filter(None, [board_cmdline, bsp.get("cmdline")]))
         bsp.update(kernel=str(b.kernel), initrd=str(b.initrd), cmdline=cmdline)
+        if b.dtb is not None:  # a signed BSP object too: an update can change it
+            bsp["dtb"] = str(b.dtb)
     doc["bsp"] = bsp
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
@@ -572,9 +586,10 @@ def provision_storage(b: ImageBuild) -> None:
     b.storage = b.work / "storage"
     shutil.rmtree(b.storage, ignore_errors=True)
     provision(b.storage, b.revision_dir, [b.trust])
-    script = b.board.dir / b.board.get("bootloader", "script")
-    _run.run(["mkimage", "-A", "arm64", "-T", "script", "-C", "none", "-n", "pvpy boot",
-              "-d", str(script), str(b.storage / "boot.scr")])  # fmt: skip
+    if b.board.doc.get("bootloader", {}).get("script"):  # U-Boot boards; the Pi has none
+        script = b.board.dir / b.board.get("bootloader", "script")
+        _run.run(["mkimage", "-A", "arm64", "-T", "script", "-C", "none", "-n", "pvpy boot",
+                  "-d", str(script), str(b.storage / "boot.scr")])  # fmt: skip
     token = secrets.token_urlsafe(24)
     for path in (b.storage / API_TOKEN_FILE, b.out / "api-token"):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -660,6 +675,264 @@ STEPS: list[Callable[[ImageBuild], None]] = [
 ]  # fmt: skip
 
 
+# -- Raspberry Pi (boards/rpi4, boards/rpi5) --------------------------------------------------
+#
+# The Pi's firmware boots from MBR + FAT and reads no boot script: its A/B is
+# tryboot (pvpy/bootenv/rpi.py). The disk, in the order of the board's partitions:
+# "config" (FAT16, first: the bootloader reads autoboot.txt only there) with
+# autoboot.txt and pvpy.env, written by the RpiTryboot backend itself, so the
+# device starts from exactly what the backend writes; boot A and B (FAT32) with
+# the firmware files, config.txt, cmdline.txt and the factory revision's BSP
+# objects under fixed names (both: a stray tryboot lands on a bootable
+# partition); the ext4 storage. FAT is filled with mtools, ext4 with
+# ``mkfs.ext4 -d``: still no loop device and no mount.
+
+RPI_BOOTLOADER = "rpi-tryboot"
+RPI_HOST_TOOLS = {"mkfs.vfat": "dosfstools", "mcopy": "mtools", "mdir": "mtools"}
+RPI_KERNEL = "vmlinuz"  # names in a boot partition (config.txt points at them)
+RPI_INITRD = "initrd.img"
+RPI_CONFIG = "config.txt"
+RPI_CMDLINE = "cmdline.txt"
+MBR_START = 1 << 20  # first partition at 1 MiB (SD erase-block alignment)
+
+
+def is_rpi(board: Board) -> bool:
+    return (board.doc.get("bootloader") or {}).get("type") == RPI_BOOTLOADER
+
+
+@dataclass(frozen=True)
+class RpiLayout:
+    """Which MBR partition (1-4) is which, from the order of the board's partitions."""
+
+    config: int
+    boot: tuple[int, int]  # A, B: autoboot.txt's boot_partition values
+    storage: int
+
+
+def rpi_layout(board: Board) -> RpiLayout:
+    """Raises ManifestError unless the board lists config, two boot and one ext4 partition."""
+    parts = board.get("partitions")
+    content = [str(p.get("content", "")) for p in parts]
+    boots = [i + 1 for i, c in enumerate(content) if c == "boot"]
+    storage = [i + 1 for i, p in enumerate(parts) if p.get("fs") == "ext4"]
+    if len(parts) > 4 or content[:1] != ["config"] or len(boots) != 2 or len(storage) != 1:
+        raise ManifestError(
+            f"board {board.name}: MBR partitions must be a first 'content: config' one, two "
+            "'content: boot' ones and one ext4 (at most 4)"
+        )
+    return RpiLayout(config=1, boot=(boots[0], boots[1]), storage=storage[0])
+
+
+def rpi_config_txt(board: Board, revision: int, dtb_name: str | None) -> str:
+    """config.txt of a boot partition: the board's settings, then our file names."""
+    lines = [f"# pvpy: boot files of revision {revision} (pvpy writes this partition)"]
+    lines += [str(line) for line in board.get("bootloader", "config")]
+    lines += [f"kernel={RPI_KERNEL}", f"initramfs {RPI_INITRD} followkernel"]
+    if dtb_name:
+        lines.append(f"device_tree={dtb_name}")
+    return "\n".join(lines) + "\n"
+
+
+def rpi_cmdline_txt(board: Board, cmdline: str, revision: int) -> str:
+    """cmdline.txt (one line): the console, the revision's command line, ``pv_rev``.
+
+    ``pv_rev`` names the revision whose files this partition holds: the boot
+    choice PID 1 reads (pvpy.board.boot_choice), as U-Boot passes it on qemu-arm64.
+    """
+    words = [f"console={board.get('console')}", *cmdline.split(), f"pv_rev={revision}"]
+    return " ".join(words) + "\n"
+
+
+def rpi_boot_files(board: Board, revision_dir: Path, firmware: Path) -> dict[str, Path | bytes]:
+    """What a boot partition holds for the revision in ``revision_dir`` (its
+    state.json and objects/): the board's firmware files, the BSP's kernel,
+    initrd and device tree objects under fixed names, config.txt and cmdline.txt.
+    Raises ManifestError when the board's firmware or the revision's BSP lacks a file.
+    """
+    from pvpy.state import canonical
+    from pvpy.store import STATE_FILE
+
+    state = canonical.decode((revision_dir / STATE_FILE).read_bytes())
+    revision, bsp = int(state["revision"]), state.get("bsp") or {}
+    objects = revision_dir / "objects"
+    files: dict[str, Path | bytes] = {}
+    fw = board.get("bootloader", "firmware")
+    for name in fw.get("files") or []:
+        path = firmware / str(fw["dir"]) / str(name)
+        if not path.is_file():
+            raise ManifestError(f"board {board.name}: no {name} in {fw['package']}")
+        files[str(name)] = path
+    for key, name in (("kernel", RPI_KERNEL), ("initrd", RPI_INITRD)):
+        if not isinstance(bsp.get(key), dict):
+            raise ManifestError(f"revision {revision}: no bsp.{key} for the boot partition")
+        files[name] = objects / bsp[key]["sha256"]
+    dtb_name = None
+    if isinstance(bsp.get("dtb"), dict):
+        dtb_name = Path(str(board.get("dtb"))).name  # the firmware knows the DT by name
+        files[dtb_name] = objects / bsp["dtb"]["sha256"]
+    files[RPI_CONFIG] = rpi_config_txt(board, revision, dtb_name).encode()
+    files[RPI_CMDLINE] = rpi_cmdline_txt(board, str(bsp.get("cmdline", "")), revision).encode()
+    return files
+
+
+def make_fat(image: Path, size: int, label: str, bits: int,
+             files: dict[str, Path | bytes], work: Path) -> None:  # fmt: skip
+    """A FAT``bits`` filesystem image of ``size`` bytes holding ``files`` (name ->
+    source file or content) in its root: mkfs.vfat -C, then mcopy. Raises
+    ManifestError when they cannot fit, CommandError when a tool fails."""
+    need = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in files.values())
+    if need > size * 0.95:  # FAT tables and cluster slack
+        raise ManifestError(f"FAT partition {label}: {need >> 20} MiB of files in {size >> 20} MiB")
+    image.unlink(missing_ok=True)
+    # --invariant: fixed volume id and times, like the reproducible squashfs images.
+    _run.run(["mkfs.vfat", "-C", "-F", str(bits), "-n", label, "--invariant", str(image),
+              str(size // 1024)])  # fmt: skip
+    staged = work / f"{image.name}.files"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    for name, content in sorted(files.items()):
+        src = content if isinstance(content, Path) else staged / name
+        if isinstance(content, bytes):
+            src.write_bytes(content)
+        _run.run(["mcopy", "-i", str(image), "-o", str(src), f"::/{name}"],
+                 env={"MTOOLS_SKIP_CHECK": "1"}, timeout=600)  # fmt: skip
+    shutil.rmtree(staged)
+
+
+def write_mbr_disk(disk: Path, parts: list[tuple[int, str, Path]]) -> None:
+    """``disk``: an MBR (sfdisk) with one primary partition per (size, type, image),
+    from 1 MiB on, each image placed with dd (sparse) and then removed."""
+    table = ["label: dos"]
+    start = MBR_START
+    placed: list[tuple[int, Path]] = []
+    for size, mbr_type, image in parts:
+        table.append(f"start={start // 512}, size={size // 512}, type={mbr_type}")
+        placed.append((start, image))
+        start += size
+    disk.unlink(missing_ok=True)
+    with open(disk, "wb") as f:
+        f.truncate(start)
+    _run.run(["sfdisk", "-q", str(disk)], input=("\n".join(table) + "\n").encode())
+    for offset, image in placed:
+        _run.run(["dd", f"if={image}", f"of={disk}", "bs=1M", f"seek={offset}",
+                  "oflag=seek_bytes", "conv=notrunc,sparse", "status=none"])  # fmt: skip
+        image.unlink()
+
+
+def ensure_rpi_host_tools(b: ImageBuild) -> None:
+    tools = {cmd: pkg for cmd, pkg in HOST_TOOLS.items() if cmd != "mkimage"}  # no U-Boot
+    ensure_debian_packages({**tools, **RPI_HOST_TOOLS})
+
+
+def fetch_firmware(b: ImageBuild) -> None:
+    """The board's boot firmware package (raspi-firmware, in non-free-firmware), in
+    an apt tree of its own (the kernel's tree stays as the other boards use it),
+    extracted once per version."""
+    fw = b.board.get("bootloader", "firmware")
+    package, component = str(fw["package"]), str(fw.get("component", "main"))
+    apt = b.cache / "apt-arm64-firmware"
+    env = {"FETCH_DEBS_COMPONENTS": component} if component != "main" else {}
+    _run.run(["sh", str(FETCH_DEBS), str(apt), "-", package], env=env, timeout=1800)
+    versions = dict(line.split()[:2] for line in (apt / "debs.list").read_text().splitlines())
+    if package not in versions:
+        raise CommandError(["fetch-debs"], 1, f"{package}: not resolved in {apt}")
+    root = b.cache / "firmware" / f"{package}_{versions[package]}"
+    b.firmware_root = root
+    if (root / ".done").exists():
+        return
+    debs = [d for d in apt.glob(f"archives/{package}_*.deb")
+            if _deb_version(d) == versions[package]]  # fmt: skip
+    if not debs:
+        raise CommandError(["fetch-debs"], 1, f"{package} {versions[package]}: no .deb in {apt}")
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    _run.run(["dpkg-deb", "-x", str(debs[0]), str(root)])
+    (root / ".done").touch()
+
+
+def find_dtb(b: ImageBuild) -> None:
+    """The board's device tree in the kernel package; a BSP object of the revision.
+
+    A board with ``dtb_required: false`` (rpi5: bookworm's kernel has no BCM2712
+    tree) builds without one, with a warning: such an image does not boot there.
+    """
+    rel = b.board.doc.get("dtb")
+    if not rel:
+        return
+    path = b.kernel_root / "usr/lib" / f"linux-image-{b.kernel_version}" / str(rel)
+    if path.is_file():
+        b.dtb = path
+        return
+    problem = f"{rel} is not in {b.kernel_package}"
+    if b.board.doc.get("dtb_required", True):
+        raise ManifestError(f"board {b.board.name}: {problem}")
+    log.warning("no device tree: the image will not boot on the board", board=b.board.name,
+                problem=problem)  # fmt: skip
+    print(f"pvpy: WARNING: {problem}: this {b.board.name} image cannot boot on the board "
+          f"(see boards/{b.board.name}/board.yaml)", file=sys.stderr)  # fmt: skip
+
+
+def build_rpi_disk(b: ImageBuild) -> None:
+    """MBR: config (autoboot.txt, pvpy.env), boot A and B, storage (see above)."""
+    from pvpy.bootenv.rpi import RpiTryboot
+
+    layout = rpi_layout(b.board)
+    config = b.work / "config"
+    shutil.rmtree(config, ignore_errors=True)
+    config.mkdir(parents=True)
+    # pv_rev=1 on partition A through the backend: pvpy.env, then autoboot.txt.
+    RpiTryboot(config, partitions=layout.boot).write({"pv_rev": str(b.revision)})
+    boot = rpi_boot_files(b.board, b.revision_dir, b.firmware_root)
+    parts: list[tuple[int, str, Path]] = []
+    for number, part in enumerate(b.board.get("partitions"), 1):
+        size, image = _size(part["size"]), b.work / f"part{number}.img"
+        label = str(part.get("label", part["name"]))
+        if part.get("fs") == "vfat":
+            files: dict[str, Path | bytes] = (
+                {p.name: p for p in sorted(config.iterdir())} if number == layout.config
+                else boot
+            )  # fmt: skip
+            make_fat(image, size, label.upper()[:11], int(part.get("fat", 32)), files, b.work)
+        elif part.get("fs") == "ext4":
+            _run.run(["mkfs.ext4", "-q", "-F", "-L", label, "-d", str(b.storage), str(image),
+                      str(size // 1024)], timeout=600)  # fmt: skip
+        else:
+            raise ManifestError(f"board {b.board.name}: partition {part['name']}: fs vfat or ext4")
+        parts.append((size, str(part.get("type", "83")), image))
+    write_mbr_disk(b.disk, parts)
+
+
+def write_rpi_manifest(b: ImageBuild) -> None:
+    layout = rpi_layout(b.board)
+    manifest = {
+        "board": b.board.name,
+        "board_dir": str(b.board.dir),
+        "disk": b.disk.name,
+        "boot": RPI_BOOTLOADER,
+        "partitions": {"config": layout.config, "boot": list(layout.boot),
+                       "storage": layout.storage},
+        "boot_files": {"kernel": RPI_KERNEL, "initrd": RPI_INITRD, "cmdline": RPI_CMDLINE,
+                       "config": RPI_CONFIG},
+        "kernel_package": b.kernel_package,
+        "dtb": b.dtb.name if b.dtb else None,
+        "revision": b.revision,
+        "api_token": "api-token",
+        "qemu": b.board.doc.get("qemu", {}),
+    }
+    (b.out / IMAGE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+RPI_STEPS: list[Callable[[ImageBuild], None]] = [
+    ensure_rpi_host_tools, fetch_packages, fetch_firmware, extract_packages, find_dtb,
+    build_initramfs, build_revision, provision_storage, build_rpi_disk, write_rpi_manifest,
+]  # fmt: skip
+
+
+def steps_for(board: Board) -> list[Callable[[ImageBuild], None]]:
+    """The pipeline of a board: U-Boot (qemu-arm64) or the Pi's tryboot."""
+    return RPI_STEPS if is_rpi(board) else STEPS
+
+
 def build_image(
     board_name: str, out: Path, spec: Path | None = None, key: Path | None = None,
     cache: Path | None = None,
@@ -677,7 +950,7 @@ def build_image(
     b = ImageBuild(board=board, out=out, disk=disk, spec=Path(spec or DEFAULT_SPEC), key=key,
                    cache=Path(cache or default_cache()), work=work)  # fmt: skip
     try:
-        for step in STEPS:
+        for step in steps_for(board):
             started = time.monotonic()
             log.info(step.__name__.replace("_", " "), board=board.name)
             step(b)

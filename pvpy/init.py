@@ -25,7 +25,6 @@ Only the standard library and pvpy's lean modules are imported here.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -140,7 +139,7 @@ class Helper:
 
 
 class Init:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: Options) -> None:
         self.args = args
         self.sandbox: bool = args.sandbox
         self.storage = Path(args.storage)
@@ -265,7 +264,7 @@ class Init:
                 os.symlink(target, f"{root}/{name}")
         log.info("cgroup: hybrid host, sandbox uses the v1 hierarchies", hierarchies=len(v1))
 
-    def board_setup(self) -> None:
+    def board_setup(self, board_file: str) -> None:
         """On a board (``--board``): modules, storage, network, the boot choice.
 
         The sandbox launcher passes the boot choice as flags; on a board the
@@ -274,7 +273,7 @@ class Init:
         """
         from pvpy import board
 
-        config = board.load(Path(self.args.board))
+        config = board.load(Path(board_file))
         choice = board.boot_choice(Path("/proc/cmdline").read_text())
         board.load_modules(config)
         board.mount_storage(config, self.storage, choice.storage)
@@ -722,7 +721,7 @@ class Init:
             log.exception("early setup failed; going on")
         if self.args.board and not self.sandbox:
             try:
-                self.board_setup()
+                self.board_setup(self.args.board)
             except Exception:
                 log.exception("board setup failed; going on")
         try:
@@ -741,44 +740,133 @@ def _same_pid_ns_as_host() -> bool:
     return host is None or host == mine
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pvpy init", description="Run as PID 1 (or in the sandbox).")
-    p.add_argument("--sandbox", action="store_true", help="run in a sandbox (set by `device run`)")
-    p.add_argument("--storage", default="/storage", help="storage root (default /storage)")
-    p.add_argument("--run-dir", default="/run/pvpy", help="volatile state dir")
-    p.add_argument("--boot-revision", type=int, help="revision the bootloader chose")
-    p.add_argument("--trying", action="store_true", help="the boot revision is on trial")
-    p.add_argument("--failed-try", type=int, help="a try revision that did not commit")
-    p.add_argument("--runtime", default="crun", choices=("crun", "runc"))
-    p.add_argument("--watchdog", default="/dev/watchdog", help="watchdog device")
-    p.add_argument("--watchdog-interval", type=float, default=5.0, help="seconds between feeds")
-    p.add_argument("--bootenv", help="boot environment, e.g. file:/storage/bootenv")
-    p.add_argument("--api", action="store_true",
-                   help="run the device API server (unix socket RUN_DIR/api.sock)")
-    p.add_argument("--api-tcp", metavar="HOST:PORT",
-                   help="also serve the API on TCP (bearer token in STORAGE/config/api-token)")
-    p.add_argument("--pull", metavar="REGISTRY/REPO:TAG",
-                   help="poll this registry tag for new revisions (else STORAGE/config/pull.json)")
-    p.add_argument("--pull-interval", type=float, default=60.0, metavar="SECONDS")
-    p.add_argument("--pull-plain-http", action="store_true", help="the registry speaks HTTP")
-    p.add_argument("--commit-delay", type=float, default=25.0,
-                   help="seconds all goals must hold before an update commits")
-    p.add_argument("--commit-timeout", type=float, default=120.0,
-                   help="seconds an update may take to meet its goals")
-    p.add_argument("--board", metavar="FILE",
-                   help="board mode (the image's /init): modules, storage, network and the "
-                   "boot choice from this board file and /proc/cmdline")
-    p.add_argument("--log-level", default=None)
-    return p
+class Options:
+    """PID 1's flags, with their defaults (``pvpy init --help`` lists them)."""
+
+    sandbox: bool = False
+    storage: str = "/storage"
+    run_dir: str = "/run/pvpy"
+    boot_revision: int | None = None
+    trying: bool = False
+    failed_try: int | None = None
+    runtime: str = "crun"
+    watchdog: str = "/dev/watchdog"
+    watchdog_interval: float = 5.0
+    bootenv: str | None = None
+    api: bool = False
+    api_tcp: str | None = None
+    pull: str | None = None
+    pull_interval: float = 60.0
+    pull_plain_http: bool = False
+    commit_delay: float = 25.0
+    commit_timeout: float = 120.0
+    board: str | None = None
+    log_level: str | None = None
+
+
+# flag -> (kind, metavar, help). kind: "flag" (no value), str, int, float or a tuple of
+# choices. Not argparse: its import (~0.7 MiB with gettext and locale) would stay in
+# PID 1 for its whole life, to parse an argv that the launcher or the image wrote.
+OPTIONS: dict[str, tuple[object, str, str]] = {
+    "--sandbox": ("flag", "", "run in a sandbox (set by `device run`)"),
+    "--storage": (str, "DIR", "storage root"),
+    "--run-dir": (str, "DIR", "volatile state dir"),
+    "--boot-revision": (int, "N", "revision the bootloader chose"),
+    "--trying": ("flag", "", "the boot revision is on trial"),
+    "--failed-try": (int, "N", "a try revision that did not commit"),
+    "--runtime": (("crun", "runc"), "crun|runc", "OCI runtime"),
+    "--watchdog": (str, "DEV", "watchdog device"),
+    "--watchdog-interval": (float, "SECONDS", "seconds between feeds"),
+    "--bootenv": (str, "KIND:PATH", "boot environment, e.g. file:/storage/bootenv"),
+    "--api": ("flag", "", "run the device API server (unix socket RUN_DIR/api.sock)"),
+    "--api-tcp": (str, "HOST:PORT",
+                  "also serve the API on TCP (bearer token in STORAGE/config/api-token)"),
+    "--pull": (str, "REGISTRY/REPO:TAG",
+               "poll this registry tag for new revisions (else STORAGE/config/pull.json)"),
+    "--pull-interval": (float, "SECONDS", "seconds between polls"),
+    "--pull-plain-http": ("flag", "", "the registry speaks HTTP"),
+    "--commit-delay": (float, "SECONDS", "seconds all goals must hold before an update commits"),
+    "--commit-timeout": (float, "SECONDS", "seconds an update may take to meet its goals"),
+    "--board": (str, "FILE", "board mode (the image's /init): modules, storage, network and "
+                "the boot choice from this board file and /proc/cmdline"),
+    "--log-level": (str, "LEVEL", "debug, info, warning or error (default $PVPY_LOG_LEVEL, info)"),
+}  # fmt: skip
+
+
+def parse_options(argv: list[str]) -> tuple[Options, list[str]]:
+    """``--flag``, ``--name VALUE`` and ``--name=VALUE`` into Options.
+
+    Returns the options and the problems found (unknown flag, missing or bad
+    value); a flag with a problem keeps its default. PID 1 logs the problems
+    and boots anyway: refusing to start would panic the kernel.
+    """
+    opts = Options()
+    problems: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        name, has_value, value = word.partition("=")
+        if name not in OPTIONS:
+            problems.append(f"unknown argument {word!r}")
+            continue
+        kind = OPTIONS[name][0]
+        attr = name[2:].replace("-", "_")
+        if kind == "flag":
+            if has_value:
+                problems.append(f"{name} takes no value")
+            else:
+                setattr(opts, attr, True)
+            continue
+        if not has_value:
+            if i == len(argv):
+                problems.append(f"{name} needs a value")
+                continue
+            value = argv[i]
+            i += 1
+        try:
+            if isinstance(kind, tuple):
+                if value not in kind:
+                    raise ValueError(f"one of {', '.join(kind)}")
+                setattr(opts, attr, value)
+            elif kind is int:
+                setattr(opts, attr, int(value))
+            elif kind is float:
+                setattr(opts, attr, float(value))
+            else:
+                setattr(opts, attr, value)
+        except ValueError as e:
+            problems.append(f"{name} {value!r}: {e}")
+    return opts, problems
+
+
+def usage() -> str:
+    rows = [("-h, --help", "show this help and exit")]
+    for name, (_kind, metavar, text) in OPTIONS.items():
+        default = getattr(Options, name[2:].replace("-", "_"))
+        if default not in (None, False):
+            text += f" (default {default})"
+        rows.append((f"{name} {metavar}" if metavar else name, text))
+    width = max(len(flag) for flag, _ in rows) + 2
+    lines = ["usage: pvpy init [OPTIONS]", "", "Run as PID 1 (or in the sandbox).", "", "options:"]
+    lines += [f"  {flag:<{width}}{text}" for flag, text in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> NoReturn:
-    args = build_parser().parse_args(argv)
-    configure(lean=True, json=True, level=args.log_level)
+    args, problems = parse_options(argv)
     if os.getpid() != 1:
+        if "-h" in argv or "--help" in argv:
+            sys.stdout.write(usage())
+            sys.exit(0)
+        for problem in problems:
+            sys.stderr.write(f"pvpy init: {problem}\n")
         # Device mode ends in reboot(2): on a workstation that would reboot it.
         sys.stderr.write("pvpy init: not PID 1; use `pvpy device run` for a sandbox\n")
         sys.exit(2)
+    configure(lean=True, json=True, level=args.log_level)
+    for problem in problems:
+        log.error("bad argument; going on without it", problem=problem)
     if args.board and not args.sandbox:
         from pvpy.board import leave_rootfs
 

@@ -61,18 +61,59 @@ def _manifest(image: Path) -> tuple[Path, dict[str, Any]]:
     return image_dir, manifest
 
 
+def _fat_read(disk: Path, start: int, name: str) -> bytes:
+    """A file from the FAT filesystem at byte ``start`` of ``disk`` (mtools: no mount)."""
+    env = {"MTOOLS_SKIP_CHECK": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return _run.run(["mcopy", "-n", "-i", f"{disk}@@{start}", f"::/{name}", "-"], env=env).stdout
+
+
+def _rpi_direct_boot(image_dir: Path, m: dict[str, Any]) -> list[str]:
+    """What the Pi firmware would load, loaded by QEMU on ``virt`` instead (QEMU 7.2
+    has no Pi 4/5 machine): the kernel, initramfs and command line of the boot
+    partition ``autoboot.txt`` names in ``[all]`` (the committed one), copied to
+    ``.qemu/`` of the image; the console word becomes virt's. No tryboot here:
+    the firmware's one-shot flag has no QEMU counterpart."""
+    from pvpy.bootenv.rpi import AUTOBOOT, _autoboot_partition
+
+    disk = image_dir / m["disk"]
+    table = json.loads(_run.run(["sfdisk", "--json", str(disk)]).stdout)
+    starts = [int(p["start"]) * 512 for p in table["partitiontable"]["partitions"]]
+    parts, files, q = m["partitions"], m["boot_files"], m.get("qemu", {})
+    autoboot = _fat_read(disk, starts[int(parts["config"]) - 1], AUTOBOOT).decode()
+    number = _autoboot_partition(autoboot) or int(parts["boot"][0])
+    boot = starts[number - 1]
+    stage = image_dir / ".qemu"
+    stage.mkdir(exist_ok=True)
+    for part in ("kernel", "initrd"):
+        (stage / part).write_bytes(_fat_read(disk, boot, files[part]))
+    words = _fat_read(disk, boot, files["cmdline"]).decode().split()
+    console = str(q.get("console", "ttyAMA0"))
+    cmdline = " ".join(f"console={console}" if w.startswith("console=") else w for w in words)
+    log.info("direct kernel boot", partition=number, cmdline=cmdline)
+    return ["-kernel", str(stage / "kernel"), "-initrd", str(stage / "initrd"), "-append", cmdline]
+
+
 def qemu_argv(image: Path, port: int | None = 8022, no_reboot: bool = False) -> list[str]:
-    """The QEMU command line for an image directory (or its disk image)."""
+    """The QEMU command line for an image directory (or its disk image).
+
+    U-Boot images boot through U-Boot (``-bios``); Raspberry Pi images boot
+    their committed boot partition's kernel directly (``_rpi_direct_boot``).
+    """
     image_dir, m = _manifest(Path(image))
     q = m.get("qemu", {})
     netdev = "user,id=net0"
     if port:
         netdev += f",hostfwd=tcp:127.0.0.1:{port}-:{int(q.get('guest_port', 8000))}"
+    if m.get("u_boot"):
+        firmware = [
+            "-bios", str(m["u_boot"]),
+            "-drive", f"if=pflash,unit=1,format=raw,readonly=on,file={image_dir / m['env_flash']}",
+        ]  # fmt: skip
+    else:
+        firmware = _rpi_direct_boot(image_dir, m)
     argv = [
         QEMU, "-M", str(q.get("machine", "virt")), "-cpu", str(q.get("cpu", "cortex-a72")),
-        "-m", str(q.get("memory", 512)), "-nographic",
-        "-bios", str(m["u_boot"]),
-        "-drive", f"if=pflash,unit=1,format=raw,readonly=on,file={image_dir / m['env_flash']}",
+        "-m", str(q.get("memory", 512)), "-nographic", *firmware,
         "-drive", f"if=none,id=disk0,format=raw,file={image_dir / m['disk']}",
         "-device", "virtio-blk-pci,drive=disk0",
         "-netdev", netdev,

@@ -28,7 +28,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 
@@ -48,7 +47,7 @@ from pvpy.image import (
     rpi_layout,
     write_rpi_manifest,
 )
-from pvpy.qemu import Machine, ensure_qemu
+from pvpy.qemu import Machine, ensure_qemu, qemu_argv
 from pvpy.signing import generate_key
 from pvpy.state import canonical
 from pvpy.store import ObjectStore
@@ -363,39 +362,25 @@ def wait_for_other_qemu(limit: float = 1800.0) -> None:
 
 @pytest.fixture
 def booted(image: ImageBuild, tmp_path: Path) -> Iterator[tuple[Machine, int]]:
-    """The image's kernel, initramfs and command line from boot partition A, booted
-    with ``-kernel/-initrd/-append`` on QEMU virt (the Pi's firmware does the same
-    from config.txt), the SD image as virtio disk; its API port forwarded."""
+    """``pvpy qemu run``'s machine for the image: the committed boot partition's
+    kernel, initramfs and command line booted with ``-kernel/-initrd/-append`` on
+    QEMU virt (the Pi's firmware does the same from config.txt), the SD image as
+    virtio disk, its API port forwarded."""
     try:
         ensure_qemu()
     except PvpyError as e:
         pytest.skip(f"qemu-system-aarch64 cannot be installed: {e}")
-    kernel, initrd = tmp_path / RPI_KERNEL, tmp_path / RPI_INITRD
-    kernel.write_bytes(fat_read(image.disk, 2, RPI_KERNEL))
-    initrd.write_bytes(fat_read(image.disk, 2, RPI_INITRD))
-    q = image.board.get("qemu")
-    # The Pi's serial console is not virt's: only the console= word changes.
-    words = fat_read(image.disk, 2, RPI_CMDLINE).decode().split()
-    cmdline = " ".join(f"console={q['console']}" if w.startswith("console=") else w
-                       for w in words)  # fmt: skip
-    disk = tmp_path / "disk.img"  # the guest writes its storage: keep the fixture's clean
-    subprocess.run(["cp", "--sparse=always", str(image.disk), str(disk)], check=True)
+    copy = tmp_path / "image"  # the guest writes its storage: keep the fixture's clean
+    copy.mkdir()
+    shutil.copy(image.out / "image.json", copy)
+    subprocess.run(["cp", "--sparse=always", str(image.disk), str(copy / image.disk.name)],
+                   check=True)  # fmt: skip
     port = free_port()
-    argv = [
-        "qemu-system-aarch64", "-M", str(q["machine"]), "-cpu", str(q["cpu"]),
-        "-m", str(q["memory"]), "-nographic", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
-        "-drive", f"if=none,id=disk0,format=raw,file={disk}",
-        "-device", "virtio-blk-pci,drive=disk0",
-        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:8000",
-        "-device", "virtio-net-pci,netdev=net0,romfile=",
-        "-device", "virtio-rng-pci",
-    ]  # fmt: skip
+    argv = qemu_argv(copy, port)
+    assert "-bios" not in argv and argv[argv.index("-append") + 1].startswith(
+        f"console={image.board.get('qemu')['console']} ")  # fmt: skip
     wait_for_other_qemu()
-    # pvpy.qemu knows U-Boot images only; Machine's console capture is what we want.
-    with mock.patch("pvpy.qemu.qemu_argv", return_value=argv):
-        machine = Machine(image.out, port=None, log_path=tmp_path / "console.log")
-    with machine:
+    with Machine(copy, port=port, log_path=tmp_path / "console.log", no_reboot=True) as machine:
         yield machine, port
 
 

@@ -596,7 +596,7 @@ class Supervisor:
         self._set(m, STOPPING)
         m.killed = False
         m.stop_deadline = self.clock() + m.spec.stop_timeout_ms / 1000
-        self._signal(m, "TERM")
+        self._signal(m, m.spec.stop_signal)
 
     def next_deadline(self) -> float | None:
         times: list[float] = []

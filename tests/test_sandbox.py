@@ -51,6 +51,26 @@ def test_boot_start_order_and_reverse_stop_order(tmp_path: Path, sandbox: Any, s
     assert any(e.get("event") == "goodbye" and e.get("action") == "poweroff" for e in events)
 
 
+def test_stop_signal_reaches_an_init_that_ignores_sigterm(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
+    """A container's PID 1 without a SIGTERM handler ignores SIGTERM: "deaf" is
+    killed at its stop timeout, "usr1" stops on the stop_signal it handles."""
+    deaf = "trap 'exit 0' USR1; while :; do sleep 1 & wait $!; done"  # no TERM handler
+    rev = build_revision(tmp_path, signing_dir, 1, {
+        "hostos": HOSTOS,
+        "deaf": app(deaf, stop_timeout_ms="1s"),
+        "usr1": app(deaf, stop_signal="USR1", stop_timeout_ms="60s"),
+    })  # fmt: skip
+    device = sandbox(rev)
+    device.wait_goals()
+    assert device.stop() == 0
+    events = device.events()
+    killed = {e["container"] for e in events if e.get("event") == "stop timed out, killing"}
+    assert killed == {"deaf"}
+    assert ordered(events, "STOPPED") == ["usr1", "deaf", "hostos"]
+
+
 def test_app_sees_none_of_the_hosts_processes(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
     rev = build_revision(tmp_path, signing_dir, 1, {
         "hostos": HOSTOS,

@@ -281,6 +281,7 @@ class Container(Record):
     readiness: Readiness | None = None
     depends_on: tuple[str, ...] = ()
     stop_timeout_ms: int = 10_000
+    stop_signal: str = "TERM"
 
     @property
     def is_host_os(self) -> bool:
@@ -318,6 +319,7 @@ class Container(Record):
             readiness=Readiness.from_dict(d["readiness"]) if "readiness" in d else None,
             depends_on=tuple(d.get("depends_on", ())),
             stop_timeout_ms=d.get("stop_timeout_ms", 10_000),
+            stop_signal=d.get("stop_signal", "TERM"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -341,6 +343,7 @@ class Container(Record):
             "status_goal": self.status_goal,
             "depends_on": list(self.depends_on),
             "stop_timeout_ms": self.stop_timeout_ms,
+            "stop_signal": self.stop_signal,
         }
         if self.readiness is not None:
             out["readiness"] = self.readiness.to_dict()

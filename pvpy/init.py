@@ -865,6 +865,7 @@ def main(argv: list[str]) -> NoReturn:
         sys.stderr.write("pvpy init: not PID 1; use `pvpy device run` for a sandbox\n")
         sys.exit(2)
     configure(lean=True, json=True, level=args.log_level)
+    os.environ["PVPY_LOG_JSON"] = "1"  # the helpers it starts log JSON lines too
     for problem in problems:
         log.error("bad argument; going on without it", problem=problem)
     if args.board and not args.sandbox:

@@ -34,12 +34,13 @@ def configure(
     lean: bool = False,
     stream: IO[str] | None = None,
 ) -> None:
-    """Choose the back end. ``json`` defaults to "the stream is not a terminal"."""
+    """Choose the back end. ``json`` defaults to "the stream is not a terminal"
+    (or PVPY_LOG_JSON=1)."""
     level_name = (level or os.environ.get("PVPY_LOG_LEVEL") or "info").lower()
     numeric = LEVELS.get(level_name, 20)
     out = stream or sys.stderr
-    if json is None:
-        json = not out.isatty()
+    if json is None:  # PID 1 sets PVPY_LOG_JSON for its helpers: the console may be a tty
+        json = os.environ.get("PVPY_LOG_JSON") == "1" or not out.isatty()
     _state.update(lean=lean, level=numeric, json=json, stream=out)
     if lean:
         return

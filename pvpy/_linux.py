@@ -1,7 +1,7 @@
 """Thin ctypes wrappers for the Linux calls Python 3.11's os module lacks.
 
-unshare(2), setns(2), mount(2), umount2(2), reboot(2), prctl(PR_SET_CHILD_SUBREAPER),
-finit_module(2).
+unshare(2), setns(2), mount(2), umount2(2), reboot(2) (also with an argument),
+prctl(PR_SET_CHILD_SUBREAPER), finit_module(2).
 Each raises OSError with errno, like the os module does.
 """
 
@@ -36,6 +36,10 @@ MNT_DETACH = 2
 RB_AUTOBOOT = 0x01234567
 RB_HALT_SYSTEM = 0xCDEF0123
 RB_POWER_OFF = 0x4321FEDC
+RB_RESTART2 = 0xA1B2C3D4  # LINUX_REBOOT_CMD_RESTART2: restart with an argument string
+_REBOOT_MAGIC1, _REBOOT_MAGIC2 = 0xFEE1DEAD, 672274793
+# glibc's reboot() takes no argument string: the raw syscall, numbered per machine.
+SYS_REBOOT = {"aarch64": 142, "x86_64": 169, "armv7l": 88, "riscv64": 142}
 
 MS_MOVE = 8192
 
@@ -84,6 +88,17 @@ def umount(target: str, flags: int = 0) -> None:
 
 def reboot(cmd: int) -> None:
     _check(_libc().reboot(ctypes.c_uint(cmd)), "reboot")
+
+
+def reboot_with_argument(argument: str) -> None:
+    """reboot(2) LINUX_REBOOT_CMD_RESTART2 with ``argument`` (e.g. the Pi's "0 tryboot",
+    which the Raspberry Pi kernel's firmware driver hands to the firmware)."""
+    number = SYS_REBOOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(38, f"reboot: unknown syscall number on {os.uname().machine}")
+    _check(_libc().syscall(ctypes.c_long(number), ctypes.c_uint(_REBOOT_MAGIC1),
+                           ctypes.c_uint(_REBOOT_MAGIC2), ctypes.c_uint(RB_RESTART2),
+                           ctypes.c_char_p(argument.encode())), "reboot")  # fmt: skip
 
 
 def finit_module(fd: int, params: str = "") -> None:

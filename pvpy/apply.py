@@ -51,7 +51,8 @@ class Applier:
         """A try-boot revision is under test."""
         from pvpy.update import KIND_REBOOT
 
-        return self.update is not None and self.update.kind == KIND_REBOOT
+        u = self.update
+        return u is not None and u.kind == KIND_REBOOT and u.phase == "testing"
 
     def reconcile(self, booted: int | None) -> None:
         """Make every update record tell the truth after a (re)boot.
@@ -67,13 +68,22 @@ class Applier:
         committed = int(env["pv_rev"]) if env.get("pv_rev", "").isdigit() else None
         trying = self.init.args.boot_revision if self.init.args.trying else None
         failed_try = self.init.args.failed_try
+        reason = (self.init.failed_try_reason
+                  or "did not commit; rolled back to the last good revision")  # fmt: skip
         if trying is not None and booted != trying:
             failed_try = trying  # it would not even verify: we booted another one
+        pending = int(env["pv_try"]) if env.get("pv_try", "").isdigit() else None
+        if failed_try is None and pending is not None and pending not in (committed, trying):
+            # A try the bootloader never booted (a plain reboot, or one that could
+            # not carry the try): running the last good revision, the try is over.
+            failed_try = pending
+            reason = self.init.failed_try_reason or (
+                "the bootloader did not boot it; running the last good revision"
+            )
         if failed_try is not None:
             record = up.read_progress(self.init.storage, failed_try)
             if record is None or record.status != up.ERROR:
-                up.write_progress(self.init.storage, failed_try, up.ERROR,
-                                  "did not commit; rolled back to the last good revision",
+                up.write_progress(self.init.storage, failed_try, up.ERROR, reason,
                                   kind=up.KIND_REBOOT)  # fmt: skip
             self.init.bootenv.write({"pv_try": None, "pv_trying": None, "pv_bootcount": None})
         for record in up.all_progress(self.init.storage):
@@ -134,13 +144,16 @@ class Applier:
         new_state = State.from_dict(canonical.decode(state_bytes))
         change = up.classify(self.init.supervisor.state, new_state)
         if change.kind == up.KIND_REBOOT:
-            up.write_progress(self.init.storage, revision, up.INPROGRESS,
-                              f"{change.why}: rebooting into it", kind=up.KIND_REBOOT)  # fmt: skip
-            self.init.bootenv.write(
-                {"pv_try": str(revision), "pv_trying": None, "pv_bootcount": "0"}
-            )
-            up.persist_point("reboot:try")
-            self.init.request("reboot", f"update to revision {revision}")
+            if getattr(self.init.bootenv, "name", "") == "rpi":
+                # The Pi's firmware boots files, not the storage: they go to the try
+                # boot partition first (a child does it), pv_try only after that.
+                up.write_progress(self.init.storage, revision, up.INPROGRESS,
+                                  f"{change.why}: writing the try boot partition",
+                                  kind=up.KIND_REBOOT)  # fmt: skip
+                self.update = UpdateRun(revision, up.KIND_REBOOT, "writing")
+                self.init.start_write_boot(revision, self.boot_written)
+                return
+            self.try_boot(revision, change.why)
             return
         restart = set(change.changed) | set(change.removed)
         up.write_progress(self.init.storage, revision, up.INPROGRESS,
@@ -148,6 +161,35 @@ class Applier:
                           kind=up.KIND_APP)  # fmt: skip
         self.update = UpdateRun(revision, up.KIND_APP, "switching", self.init.supervisor.state)
         self.init.supervisor.switch(new_state, restart)
+
+    def boot_written(self, revision: int, problem: str | None) -> None:
+        """The try boot partition is written (or not): set pv_try and try-boot."""
+        from pvpy import update as up
+
+        self.update = None
+        if problem is not None:
+            up.write_progress(self.init.storage, revision, up.ERROR,
+                              f"cannot write the try boot partition: {problem}",
+                              kind=up.KIND_REBOOT)  # fmt: skip
+            return
+        if self.init.pending is not None:
+            up.write_progress(self.init.storage, revision, up.ERROR,
+                              "device went down before it", kind=up.KIND_REBOOT)  # fmt: skip
+            return
+        self.try_boot(revision, "boot partition written")
+
+    def try_boot(self, revision: int, why: str) -> None:
+        """pv_try in one boot-env write, then reboot — with the boot env's reboot
+        argument when it has one (the Pi's "0 tryboot")."""
+        from pvpy import update as up
+
+        up.write_progress(self.init.storage, revision, up.INPROGRESS,
+                          f"{why}: rebooting into it", kind=up.KIND_REBOOT)  # fmt: skip
+        self.init.bootenv.write({"pv_try": str(revision), "pv_trying": None, "pv_bootcount": "0"})
+        up.persist_point("reboot:try")
+        argument = getattr(self.init.bootenv, "tryboot_reboot_argument", None)
+        self.init.request("reboot", f"update to revision {revision}",
+                          argument() if argument is not None else None)  # fmt: skip
 
     def check(self, now: float) -> None:
         """Drive the update under way: switching -> testing -> commit or roll back."""

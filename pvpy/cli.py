@@ -252,6 +252,25 @@ def cmd_device_verify_installed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device_write_boot(args: argparse.Namespace) -> int:
+    """Used by PID 1 on a Raspberry Pi before a try-boot, in a child process: the
+    revision's boot files into the try boot partition (pvpy.rpiboot)."""
+    from pvpy import board, rpiboot
+    from pvpy.state import canonical
+    from pvpy.store import Storage
+
+    storage = Storage(Path(args.storage))
+    config = board.load(Path(args.board))
+    state_bytes, _ = storage.read_trail(args.revision)
+    rpi = config.rpi
+    files = rpiboot.boot_files(
+        canonical.decode(state_bytes), storage.objects.root, rpi.get("config_txt", ()),
+        str(rpi.get("console", "")), rpi.get("dtb"),
+    )  # fmt: skip
+    rpiboot.write_boot_partition(args.target, files, Path(board.RPI_BOOT_DIR))
+    return 0
+
+
 def control_request(
     storage: Path, request: dict[str, object], timeout: float = 10
 ) -> dict[str, Any]:
@@ -665,6 +684,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", required=True)
     p.add_argument("--revision", type=int, required=True)
     p.set_defaults(func=cmd_device_verify_installed)
+    p = dev.add_parser(
+        "write-boot", help="(internal) write a revision's boot files into a Raspberry Pi's "
+        "try boot partition; PID 1 runs it before a try-boot"
+    )  # fmt: skip
+    p.add_argument("--storage", required=True)
+    p.add_argument("--revision", type=int, required=True)
+    p.add_argument("--target", required=True, help="the boot partition (or a directory)")
+    p.add_argument("--board", required=True, help="the board file (board.json)")
+    p.set_defaults(func=cmd_device_write_boot)
 
     image = nouns.add_parser("image", help="board images: build").add_subparsers(
         dest="verb", metavar="<verb>", required=True
@@ -736,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(
         level="debug" if args.verbose else os.environ.get("PVPY_LOG_LEVEL", quiet),
         # PID 1 runs this at every boot: structlog's import alone costs ~0.15 s there
-        lean=(args.noun, args.verb) == ("device", "verify-installed"),
+        lean=(args.noun, args.verb) in (("device", "verify-installed"), ("device", "write-boot")),
     )
     func: Handler = args.func
     try:

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pvpy import _run
+from pvpy import _run, rpiboot
 from pvpy.errors import CommandError, ManifestError, UsageError
 from pvpy.log import get_logger
 
@@ -134,12 +134,22 @@ class Board:
 
     def device_config(self) -> dict[str, Any]:
         """What PID 1 reads in board mode (pvpy.board.BoardConfig)."""
-        return {
+        config = {
             "name": self.name,
             "storage": self.doc.get("storage", "PARTLABEL=storage"),
             "modules_on_demand": list(self.doc.get("modules_on_demand", [])),
             "network": dict(self.doc.get("network") or {}),
         }
+        if is_rpi(self):  # what PID 1 needs for tryboot and to write a try partition
+            layout = rpi_layout(self)
+            config["rpi"] = {
+                "config_partition": layout.config,
+                "boot_partitions": list(layout.boot),
+                "config_txt": [str(line) for line in self.get("bootloader", "config")],
+                "console": str(self.get("console")),
+                "dtb": rpi_dtb_name(self),
+            }
+        return config
 
 
 def load_board(name: str) -> Board:
@@ -689,10 +699,10 @@ STEPS: list[Callable[[ImageBuild], None]] = [
 
 RPI_BOOTLOADER = "rpi-tryboot"
 RPI_HOST_TOOLS = {"mkfs.vfat": "dosfstools", "mcopy": "mtools", "mdir": "mtools"}
-RPI_KERNEL = "vmlinuz"  # names in a boot partition (config.txt points at them)
-RPI_INITRD = "initrd.img"
-RPI_CONFIG = "config.txt"
-RPI_CMDLINE = "cmdline.txt"
+RPI_KERNEL = rpiboot.KERNEL  # names in a boot partition (config.txt points at them)
+RPI_INITRD = rpiboot.INITRD
+RPI_CONFIG = rpiboot.CONFIG
+RPI_CMDLINE = rpiboot.CMDLINE
 MBR_START = 1 << 20  # first partition at 1 MiB (SD erase-block alignment)
 
 
@@ -725,36 +735,26 @@ def rpi_layout(board: Board) -> RpiLayout:
 
 def rpi_config_txt(board: Board, revision: int, dtb_name: str | None) -> str:
     """config.txt of a boot partition: the board's settings, then our file names."""
-    lines = [f"# pvpy: boot files of revision {revision} (pvpy writes this partition)"]
-    lines += [str(line) for line in board.get("bootloader", "config")]
-    lines += [f"kernel={RPI_KERNEL}", f"initramfs {RPI_INITRD} followkernel"]
-    if dtb_name:
-        lines.append(f"device_tree={dtb_name}")
-    return "\n".join(lines) + "\n"
+    return rpiboot.config_txt(board.get("bootloader", "config"), revision, dtb_name)
 
 
 def rpi_cmdline_txt(board: Board, cmdline: str, revision: int) -> str:
-    """cmdline.txt (one line): the console, the revision's command line, ``pv_rev``.
-
-    ``pv_rev`` names the revision whose files this partition holds: the boot
-    choice PID 1 reads (pvpy.board.boot_choice), as U-Boot passes it on qemu-arm64.
-    """
-    words = [f"console={board.get('console')}", *cmdline.split(), f"pv_rev={revision}"]
-    return " ".join(words) + "\n"
+    """cmdline.txt (one line): the console, the revision's command line, ``pv_rev``
+    (the revision whose files the partition holds; PID 1 checks it)."""
+    return rpiboot.cmdline_txt(str(board.get("console")), cmdline, revision)
 
 
 def rpi_boot_files(board: Board, revision_dir: Path, firmware: Path) -> dict[str, Path | bytes]:
     """What a boot partition holds for the revision in ``revision_dir`` (its
-    state.json and objects/): the board's firmware files, the BSP's kernel,
-    initrd and device tree objects under fixed names, config.txt and cmdline.txt.
+    state.json and objects/): the board's firmware files, then what
+    ``pvpy.rpiboot.boot_files`` lays out (the device writes the same for an update).
     Raises ManifestError when the board's firmware or the revision's BSP lacks a file.
     """
+    from pvpy.errors import DeviceError
     from pvpy.state import canonical
     from pvpy.store import STATE_FILE
 
     state = canonical.decode((revision_dir / STATE_FILE).read_bytes())
-    revision, bsp = int(state["revision"]), state.get("bsp") or {}
-    objects = revision_dir / "objects"
     files: dict[str, Path | bytes] = {}
     fw = board.get("bootloader", "firmware")
     for name in fw.get("files") or []:
@@ -762,17 +762,20 @@ def rpi_boot_files(board: Board, revision_dir: Path, firmware: Path) -> dict[str
         if not path.is_file():
             raise ManifestError(f"board {board.name}: no {name} in {fw['package']}")
         files[str(name)] = path
-    for key, name in (("kernel", RPI_KERNEL), ("initrd", RPI_INITRD)):
-        if not isinstance(bsp.get(key), dict):
-            raise ManifestError(f"revision {revision}: no bsp.{key} for the boot partition")
-        files[name] = objects / bsp[key]["sha256"]
-    dtb_name = None
-    if isinstance(bsp.get("dtb"), dict):
-        dtb_name = Path(str(board.get("dtb"))).name  # the firmware knows the DT by name
-        files[dtb_name] = objects / bsp["dtb"]["sha256"]
-    files[RPI_CONFIG] = rpi_config_txt(board, revision, dtb_name).encode()
-    files[RPI_CMDLINE] = rpi_cmdline_txt(board, str(bsp.get("cmdline", "")), revision).encode()
+    try:
+        files.update(rpiboot.boot_files(
+            state, revision_dir / "objects", board.get("bootloader", "config"),
+            str(board.get("console")), rpi_dtb_name(board),
+        ))  # fmt: skip
+    except DeviceError as e:
+        raise ManifestError(str(e)) from e
     return files
+
+
+def rpi_dtb_name(board: Board) -> str | None:
+    """The device tree's name in a boot partition (the firmware knows it by name)."""
+    dtb = board.doc.get("dtb")
+    return Path(str(dtb)).name if dtb else None
 
 
 def make_fat(image: Path, size: int, label: str, bits: int,

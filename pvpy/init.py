@@ -163,6 +163,11 @@ class Init:
         self.helpers: list[Helper] = []
         self.verifiers: dict[int, tuple[int, Callable[[int, str | None], None], int]] = {}
         self.boot_candidates: list[int] = []
+        self.reboot_argument: str | None = None  # reboot(2) RESTART2's (the Pi's tryboot)
+        self.failed_try_reason: str | None = None  # why the boot env says failed_try failed
+        self.board_bootenv: Any = None  # a boot env the board set up (the Pi's tryboot)
+        self.board_config: Any = None
+        self.storage_device: str | None = None
 
     # -- 1. early mounts -------------------------------------------------------
 
@@ -274,11 +279,14 @@ class Init:
         from pvpy import board
 
         config = board.load(Path(board_file))
+        self.board_config = config
         choice = board.boot_choice(Path("/proc/cmdline").read_text())
         board.load_modules(config)
-        board.mount_storage(config, self.storage, choice.storage)
+        self.storage_device = board.mount_storage(config, self.storage, choice.storage)
         self.mounted.append(str(self.storage))
         board.setup_network(config)
+        if config.rpi:
+            choice = self.rpi_setup(config, choice)
         if self.args.boot_revision is None:
             self.args.boot_revision = choice.revision
             self.args.trying = choice.trying
@@ -288,6 +296,44 @@ class Init:
         if self.watchdog.fd is None and self.args.watchdog:
             board.wait_for(self.args.watchdog, config.watchdog_timeout)
             self.watchdog = Watchdog(self.args.watchdog, self.args.watchdog_interval)
+
+    def rpi_setup(self, config: Any, cmdline: Any) -> Any:
+        """On a Raspberry Pi: the boot env is tryboot's, on the mounted config partition,
+        and the boot choice comes from it and the firmware's device-tree flag; the
+        cmdline's pv_rev only checks it. When the config partition is unusable, the
+        cmdline's choice and the storage's boot env stand (no try-boot updates then)."""
+        from pvpy import board
+        from pvpy.errors import PvpyError
+
+        try:
+            env = board.open_rpi_bootenv(config, self.storage_device or "", board.RPI_CONFIG_DIR)
+        except PvpyError as e:
+            log.error("rpi config partition unusable; boot env stays in the storage",
+                      error=str(e))  # fmt: skip
+            return cmdline
+        self.mounted.append(board.RPI_CONFIG_DIR)
+        self.board_bootenv = env
+        try:
+            choice, self.failed_try_reason = board.rpi_boot_choice(env, cmdline)
+        except PvpyError as e:
+            log.error("rpi boot choice unreadable; booting the cmdline's", error=str(e))
+            return cmdline
+        return choice
+
+    def start_write_boot(self, revision: int, done: Callable[[int, str | None], None]) -> None:
+        """Write ``revision``'s boot files into the try boot partition, in a child
+        (the copying and hashing stay out of PID 1; the loop keeps running)."""
+        from pvpy import board
+
+        target = board.rpi_try_partition(self.board_config, self.board_bootenv,
+                                         self.storage_device or "")  # fmt: skip
+        if target is None:
+            done(revision, "the try boot partition was not found")
+            return
+        argv = [sys.executable, "-m", "pvpy", "device", "write-boot", "--storage",
+                str(self.storage), "--revision", str(revision), "--target", target,
+                "--board", str(self.args.board)]  # fmt: skip
+        self.start_child(argv, revision, done)
 
     # -- 2. signals --------------------------------------------------------------
 
@@ -327,10 +373,17 @@ class Init:
         The crypto and the hashing of every object happen there, never in
         PID 1, and the loop keeps running meanwhile (signals, watchdog, API).
         """
-        from pvpy import _run
-
         argv = [sys.executable, "-m", "pvpy", "device", "verify-installed",
                 "--storage", str(self.storage), "--revision", str(revision)]  # fmt: skip
+        self.start_child(argv, revision, done)
+
+    def start_child(
+        self, argv: list[str], revision: int, done: Callable[[int, str | None], None]
+    ) -> None:
+        """Run ``argv``; ``done(revision, problem)`` from the loop when it exits
+        (problem: the last line of its stderr, None when it exited 0)."""
+        from pvpy import _run
+
         read_fd, write_fd = os.pipe()
         try:
             pid = _run.spawn(argv, stderr=write_fd, new_session=False)
@@ -411,6 +464,8 @@ class Init:
     def open_bootenv(self) -> Any:
         from pvpy.bootenv import open_bootenv
 
+        if self.board_bootenv is not None and not self.args.bootenv:
+            return self.board_bootenv
         return open_bootenv(self.args.bootenv or f"file:{self.storage / 'bootenv'}")
 
     def setup_control(self) -> None:
@@ -661,11 +716,14 @@ class Init:
             self.updates.fail(u, reason)
         self.request(action, reason)
 
-    def request(self, action: str, reason: str) -> None:
+    def request(self, action: str, reason: str, argument: str | None = None) -> None:
+        """Stop everything, then reboot/halt/power off (``argument``: reboot(2)'s
+        RESTART2 string, e.g. the Pi's "0 tryboot")."""
         if self.pending is not None:
             return
-        log.info("shutdown requested", action=action, reason=reason)
+        log.info("shutdown requested", action=action, reason=reason, argument=argument)
         self.pending = action
+        self.reboot_argument = argument
         self.pending_reason = reason
         for helper in self.helpers:
             helper.stop()
@@ -705,6 +763,12 @@ class Init:
             # Never reboot the machine we are a guest on.
             log.error("sandbox is not in its own pid namespace; exiting instead of reboot(2)")
             os._exit(3)
+        if action == "reboot" and self.reboot_argument:
+            try:
+                _linux.reboot_with_argument(self.reboot_argument)
+            except OSError as e:  # a plain restart boots the committed revision: safe
+                log.error("reboot(2) with an argument failed; plain restart",
+                          argument=self.reboot_argument, error=str(e))  # fmt: skip
         while True:
             try:
                 _linux.reboot(cmd)

@@ -41,6 +41,7 @@ class BootChoice(Record):
     revision: int
     trying: bool
     failed_try: int | None = None  # a try that did not commit before this boot
+    reason: str | None = None  # why failed_try failed, when the boot env knows better
 
 
 def _int(value: str | None) -> int | None:

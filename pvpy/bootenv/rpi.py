@@ -34,6 +34,7 @@ import contextlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from pvpy.bootenv import BootChoice
 from pvpy.bootenv.file import FileBootEnv
 from pvpy.errors import BootEnvError, StoreError
 from pvpy.store import write_atomic
@@ -44,6 +45,11 @@ AUTOBOOT_MAX = 512  # the firmware reads no more of autoboot.txt
 PARTITION = "rpi_boot_partition"
 DT_BOOTLOADER = Path("/proc/device-tree/chosen/bootloader")
 TRYBOOT_ARGUMENT = "0 tryboot"  # reboot(2) argument: default partition, tryboot flag
+NOT_TRYBOOTED = (
+    "the firmware did not try-boot: this kernel cannot pass the tryboot flag "
+    "(reboot \"0 tryboot\" needs the Raspberry Pi kernel's firmware driver), "
+    "or the power went before the reboot"
+)
 
 
 def autoboot_text(committed: int, trying: int) -> str:
@@ -128,6 +134,30 @@ class RpiTryboot:
         booted = _dt_int(self.dt_bootloader / "partition")
         # Older firmware may not say which partition; the flag alone must do then.
         return partition is None or booted is None or booted == partition
+
+    def choose(self) -> BootChoice:
+        """What the firmware booted, in pvpy's terms (U-Boot boards get it from boot.cmd).
+
+        A pending pv_try is being tried only when the firmware says it booted the
+        try partition with the one-shot tryboot flag; pv_trying is written then, so
+        a try that dies before its commit is told apart on the next boot from one
+        the firmware never booted (flag 0 while pv_trying is unset: the reboot did
+        not carry the flag). Either way the committed revision boots. Raises
+        BootEnvError.
+        """
+        values = self.read()
+        rev, pending = values.get("pv_rev", ""), values.get("pv_try", "")
+        if not rev.isdigit():
+            raise BootEnvError("rpi: pvpy.env has no pv_rev: provision the device first")
+        if not pending.isdigit() or pending == rev:
+            return BootChoice(revision=int(rev), trying=False)
+        if self.booted_try(self.other(self.committed_partition(values))):
+            self.write({"pv_trying": pending})
+            return BootChoice(revision=int(pending), trying=True)
+        if values.get("pv_trying") == pending:  # booted once and did not commit
+            return BootChoice(revision=int(rev), trying=False, failed_try=int(pending))
+        return BootChoice(revision=int(rev), trying=False, failed_try=int(pending),
+                          reason=NOT_TRYBOOTED)  # fmt: skip
 
     def tryboot_reboot_argument(self) -> str:
         """The reboot(2) argument that boots the try partition once."""

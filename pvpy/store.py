@@ -22,7 +22,6 @@ import contextlib
 import errno
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -43,6 +42,14 @@ CHUNK = 1 << 20
 
 def _token(nbytes: int = 4) -> str:
     return os.urandom(nbytes).hex()
+
+
+def _remove_tree(path: str | Path) -> None:
+    # shutil on use: only leftovers of a crash and removed revisions need it, and PID 1
+    # (which imports this module) would otherwise carry its bz2 and lzma (~0.5 MiB).
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _sha256() -> Any:  # hashlib's type, imported lazily
@@ -381,10 +388,10 @@ class Storage:
             os.rename(tmp, final)
             fsync_dir(self.trails)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tree(tmp)
             raise _os_error(f"install revision {revision}", e) from e
         except StoreError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tree(tmp)
             raise
         return final
 
@@ -409,14 +416,14 @@ class Storage:
             fsync_dir(self.trails)
         except OSError as e:
             raise _os_error(f"remove revision {revision}", e) from e
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove_tree(trash)
 
     def clean_temp(self) -> None:
         self.objects.clean_temp()
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.trails):
                 if entry.name.startswith((".tmp-", ".trash-")):
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                    _remove_tree(entry.path)
 
     def referenced_by(self, revision: int) -> set[str]:
         from pvpy.errors import ManifestError

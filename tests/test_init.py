@@ -22,7 +22,7 @@ PID1_MODULES = (
     "pvpy.bootenv.uboot, pvpy.board, pvpy.modules"
 )
 # Each costs PID 1 memory for its whole life and is not needed there (bench/findings.md).
-NOT_IN_PID1 = ("argparse", "dataclasses", "inspect", "typing", "importlib.resources",
+NOT_IN_PID1 = ("argparse", "dataclasses", "inspect", "typing", "importlib.resources", "shutil",
                "subprocess", "structlog", "jsonschema", "cryptography", "asyncio", "yaml")  # fmt: skip
 
 

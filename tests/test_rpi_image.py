@@ -10,7 +10,9 @@ cmdline.txt and autoboot.txt; the commit and the rollback of a try done by
 firmware's device-tree report of a tryboot is the one thing faked); and the
 image's kernel and initramfs booted on QEMU's ``virt`` machine with the SD
 image as a virtio disk, up to pvpy as PID 1 with its containers running and
-its API answering over DHCP.
+its API answering over DHCP; and a BSP update pushed into that guest: PID 1
+writes boot partition B and asks for the tryboot reboot, which QEMU (like
+Debian's kernel) cannot honour, so the update ends ERROR on revision 1.
 
 Fast (no marker): the layout built by the same functions from a tiny fake BSP.
 Slow (marker ``qemu``): real images from Debian's arm64 packages (shared
@@ -24,6 +26,7 @@ import json
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -418,3 +421,108 @@ def test_image_kernel_and_initrd_boot_pvpy(image: ImageBuild,
     states = {c["name"]: c["status"] for c in status["containers"]}
     assert states == {"hostos": "STARTED", "hello": "STARTED", "web": "READY"}
     assert m.find(r"Traceback") is None, "a Python traceback on the console"
+
+
+def api(port: int, token: str, path: str, method: str = "GET") -> Any:
+    """The guest's API over the forwarded port (None while it does not answer)."""
+    import http.client
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 data=b"" if method == "POST" else None,
+                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            data = resp.read()
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    return json.loads(data) if data.strip() else None
+
+
+def settled(m: Machine, port: int, token: str, revision: int) -> Any:
+    """/v1/status once the guest runs ``revision`` with all goals met, nothing under way."""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while True:
+        status = api(port, token, "/v1/status")
+        if (status and status["all_goals_met"] and status["updating"] is None
+                and not status["pending"] and status["revision"] == revision):  # fmt: skip
+            return status
+        assert m.running() and time.monotonic() < deadline, f"not settled on {revision}"
+        time.sleep(2)
+
+
+@qemu
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("image", ["rpi4"], indirect=True)
+def test_bsp_update_on_a_kernel_that_cannot_tryboot(image: ImageBuild, tmp_path: Path) -> None:
+    """A new initrd pushed into the rpi4 image booted on QEMU virt: PID 1 writes it
+    into boot partition B (a child mounts it vfat), sets pv_try, reboots with
+    "0 tryboot". QEMU's direct kernel boot has no tryboot (nor has Debian's kernel
+    a way to pass the flag): the firmware's stand-in boots A again, exactly the
+    case of a Pi running Debian's kernel. PID 1 sees pv_try pending without the
+    device-tree flag: ERROR with that reason, pv_try cleared, revision 1 runs on.
+    Read back from the host after power-off: B holds the new initrd and a
+    cmdline.txt naming revision 2; autoboot.txt still names A."""
+    from tests.test_qemu import _cpio, derive_revision
+
+    try:
+        ensure_qemu()
+    except PvpyError as e:
+        pytest.skip(f"qemu-system-aarch64 cannot be installed: {e}")
+    copy = tmp_path / "image"
+    copy.mkdir()
+    shutil.copy(image.out / "image.json", copy)
+    disk = copy / image.disk.name
+    subprocess.run(["cp", "--sparse=always", str(image.disk), str(disk)], check=True)
+    token = (image.out / "api-token").read_text().strip()
+    assert image.key is not None
+    note = _cpio(tmp_path / "note", {"pvpy-update-note": "revision 2\n"})
+    new_initrd: dict[str, Any] = {}
+
+    def add_note(doc: dict[str, Any], objects: ObjectStore) -> None:
+        data = (image.revision_dir / "objects" / doc["bsp"]["initrd"]["sha256"]).read_bytes()
+        new_initrd.update(sha256=objects.put_bytes(data + note), size=len(data) + len(note))
+        doc["bsp"]["initrd"] = dict(new_initrd)
+
+    rev = derive_revision(image.revision_dir, tmp_path / "rev2", 2, image.key, add_note)
+    port = free_port()
+    wait_for_other_qemu()
+    with Machine(copy, port=port, log_path=tmp_path / "console.log") as m:
+        settled(m, port, token, 1)
+        m.wait_for(r'"device": "/dev/vda1", "target": "/run/pvpy-config".*"config partition '
+                   r'mounted"', 5)  # fmt: skip
+        mark = len(m.lines)
+        push = subprocess.run(
+            [sys.executable, "-m", "pvpy", "device", "push", f"http://127.0.0.1:{port}", str(rev),
+             "--token-file", str(image.out / "api-token"), "--no-wait"],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert push.returncode == 0, push.stderr
+        i = m.wait_for(r'"reason": "BSP changed: writing the try boot partition"', 300, mark)
+        i = m.wait_for(r'"reason": "update to revision 2", "argument": "0 tryboot", '
+                       r'"event": "shutdown requested"', 600, i)  # fmt: skip
+        i = m.wait_for(r'"event": "goodbye"', 120, i)
+        assert m.find(r"reboot\(2\) with an argument failed", i) is None
+        # The reboot: the same kernel of partition A (QEMU has no tryboot).
+        i = m.wait_for(r'"event": "modules loaded"', BOOT_TIMEOUT, i)
+        m.wait_for(r'"revision": 1, "trying": false, "failed_try": 2, "event": "boot choice"', 60, i)
+        status = settled(m, port, token, 1)
+        assert (status["committed"], status["try"]) == (1, None), status
+        record = api(port, token, "/v1/revisions/2")
+        assert (record["status"], record["kind"]) == ("ERROR", "reboot"), record
+        assert "the firmware did not try-boot" in record["reason"], record
+        assert m.find(r"Traceback", mark) is None, "a Python traceback on the console"
+        assert api(port, token, "/v1/commands/poweroff", "POST") == {"command": "poweroff"}
+        m.wait_for(r'"action": "poweroff", "event": "goodbye"', 120, i)
+        deadline = time.monotonic() + 120
+        while m.running() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not m.running(), "QEMU did not end after the power-off"
+    # From the host: B holds revision 2's boot files, A and autoboot.txt revision 1's.
+    initrd = fat_read(disk, 3, RPI_INITRD)
+    assert hashlib.sha256(initrd).hexdigest() == new_initrd["sha256"]
+    assert fat_read(disk, 3, RPI_CMDLINE).decode().split()[-1] == "pv_rev=2"
+    assert fat_read(disk, 2, RPI_CMDLINE).decode().split()[-1] == "pv_rev=1"
+    assert fat_read(disk, 1, AUTOBOOT) == autoboot_text(2, 3).encode()
+    env = fat_read(disk, 1, ENV_FILE).decode()
+    assert "pv_rev=1" in env.splitlines() and "pv_try" not in env, env

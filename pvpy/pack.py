@@ -14,6 +14,14 @@ Why squashfs: read-only, compressed, mountable by every Linux kernel without
 unpacking (the device mounts it as the overlay's lower layer), and built by
 Debian's squashfs-tools. Images are made reproducible (fixed times, sorted by
 mksquashfs) so the same tree gives the same object and updates send nothing.
+
+Compression: zstd by default. Against gzip (mksquashfs's default) it gave
+6-10% smaller images that a freshly mounted image reads 1.5-1.9x faster
+(first exec of busybox 19.6 -> 10.4 ms, reading a 52 MB Python stdlib tree
+461 -> 287 ms), built no slower (bench/findings.md). Every board's kernel
+(Debian's linux-image-arm64: CONFIG_SQUASHFS_ZSTD=y) mounts it. lz4 reads a
+little faster but is 36-51% bigger; xz is 10-20% smaller but reads 3-4x
+slower. A spec may choose any of COMPRESSORS per source.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from pvpy.errors import SpecError
 from pvpy.store import ObjectStore
 
 COMPRESSORS = ("gzip", "xz", "zstd", "lz4", "lzo")
+DEFAULT_COMPRESSION = "zstd"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
 SQUASHFS_SUFFIXES = (".squashfs", ".sqfs")
 SQUASHFS_MAGIC = b"hsqs"
@@ -57,7 +66,9 @@ class PackedImage:
     config: ImageConfig
 
 
-def squash_dir(src: Path, out: Path, compression: str = "gzip", all_root: bool = False) -> None:
+def squash_dir(
+    src: Path, out: Path, compression: str = DEFAULT_COMPRESSION, all_root: bool = False
+) -> None:
     """mksquashfs ``src`` into the file ``out``. Raises SpecError / CommandError."""
     if compression not in COMPRESSORS:
         raise SpecError(f"unknown compression {compression!r} (one of {', '.join(COMPRESSORS)})")
@@ -265,7 +276,7 @@ def pack_rootfs(
     store: ObjectStore,
     *,
     tag: str | None = None,
-    compression: str = "gzip",
+    compression: str = DEFAULT_COMPRESSION,
     all_root: bool = False,
 ) -> PackedImage:
     """Build the squashfs image of ``source`` into ``store``. Raises SpecError."""

@@ -18,7 +18,7 @@ stale signature. See ``examples/demo/spec.yaml``.
         rootfs: rootfs/os                # dir, tarball, OCI layout, squashfs
         args: [/sbin/init]
       web:
-        rootfs: {oci: images/web, tag: "1.2", compression: zstd}
+        rootfs: {oci: images/web, tag: "1.2", compression: xz}   # default zstd
         restart: {policy: always, backoff_initial_ms: 500ms}
         cgroup: {memory_max: 64M}
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pvpy.errors import ManifestError, SpecError
-from pvpy.pack import pack_rootfs
+from pvpy.pack import DEFAULT_COMPRESSION, pack_rootfs
 from pvpy.state import SPEC, State, canonical, json_path, validate
 from pvpy.store import SIGNATURE_FILE, STATE_FILE, ObjectStore, write_atomic
 
@@ -210,7 +210,7 @@ def _pack(
             path,
             store,
             tag=options.get("tag"),
-            compression=options.get("compression", "gzip"),
+            compression=options.get("compression", DEFAULT_COMPRESSION),
             all_root=bool(options.get("all_root", False)),
         )
     except ManifestError as e:

@@ -192,6 +192,16 @@ def test_compression_is_chosen_and_checked(tmp_path: Path, store: ObjectStore) -
         pack_rootfs(tree, store, compression="brotli")
 
 
+def test_default_compression_is_zstd(tmp_path: Path, store: ObjectStore) -> None:
+    # squashfs superblock: u16 compression id at byte 20 (1 gzip, 4 xz, 5 lz4, 6 zstd)
+    def compressor(sha: str) -> int:
+        return int.from_bytes(store.path(sha).read_bytes()[20:22], "little")
+
+    tree = make_tree(tmp_path / "tree")
+    assert compressor(pack_rootfs(tree, store).sha256) == 6
+    assert compressor(pack_rootfs(tree, store, compression="gzip").sha256) == 1
+
+
 # ---------------------------------------------------------------- 2. tarball
 
 

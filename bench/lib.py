@@ -251,8 +251,8 @@ class Device(SandboxDevice):
     """tests/device.py's sandbox device, started as a user would (info logs, no faults)."""
 
     def start(self, *extra: str, env: dict[str, str] | None = None) -> Device:
-        env = {k: v for k, v in os.environ.items() if k not in ("PVPY_TEST_FAULTS",)}
-        env["PVPY_LOG_LEVEL"] = "info"
+        env = {k: v for k, v in os.environ.items() if k not in ("PVPY_TEST_FAULTS",)} | (env or {})
+        env.setdefault("PVPY_LOG_LEVEL", "info")
         with open(self.log_path, "ab") as out:
             self.started_at = time.time()
             self.proc = subprocess.Popen(
@@ -283,11 +283,13 @@ def container_event(name: str, status: str) -> Any:
 
 
 @contextlib.contextmanager
-def device(storage: Path, log_path: Path, *extra: str) -> Iterator[Device]:
+def device(
+    storage: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[Device]:
     """Boot a provisioned storage; always power-cut and clean up afterwards."""
     dev = Device(storage, log_path)
     try:
-        yield dev.start(*extra)
+        yield dev.start(*extra, env=env)
     finally:
         if dev.proc is not None:
             dev.kill()

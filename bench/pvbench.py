@@ -642,6 +642,7 @@ MODULES = (
     "inspect",
     "typing",
     "argparse",
+    "importlib.resources",
     "ctypes",
     "pathlib",
     "subprocess",
@@ -651,6 +652,7 @@ MODULES = (
     "shutil",
     "enum",
     "pvpy.state.model",
+    "pvpy.init",
 )
 
 
@@ -675,51 +677,126 @@ def fig_module_pss(reps: int) -> dict[str, Any]:
     return {"bare_uss": bare, "modules": {m: uss(f"import signal, {m}") - bare for m in MODULES}}
 
 
+# Squashfs trees: the app image every figure uses, and a bigger, many-file one when the
+# machine has it (Debian's Python standard library: ~50 MB, ~1,000 .py and .pyc files).
+SQUASH_TREES = {"app": APP_TREE, "python3.11 stdlib": Path("/usr/lib/python3.11")}
+COMPRESSIONS = ("gzip", "zstd", "lz4", "xz", "lzo")
+# Read every regular file of a tree once (what a cold container start pays, in full).
+READ_ALL = (
+    "import os, sys, time\n"
+    "t = time.perf_counter()\n"
+    "for root, _, files in os.walk(sys.argv[1]):\n"
+    "    for f in files:\n"
+    "        p = os.path.join(root, f)\n"
+    "        if os.path.isfile(p) and not os.path.islink(p):\n"
+    "            with open(p, 'rb') as fh:\n"
+    "                fh.read()\n"
+    "print(time.perf_counter() - t)\n"
+)
+FIRST_EXEC = (
+    "import subprocess, sys, time; t = time.perf_counter(); "
+    "subprocess.run(['chroot', sys.argv[1], '/bin/true']); "
+    "print(time.perf_counter() - t)"
+)
+
+
 def fig_squashfs(work: Path, reps: int) -> dict[str, Any]:
-    """First exec of busybox from a freshly mounted image, per squashfs compression."""
-    out: dict[str, Any] = {}
+    """Per squashfs compression: image size, build time, and from a freshly loop-mounted
+    image the first exec of busybox and a read of every file (decompression, cold)."""
     mnt = work / "mnt"
     mnt.mkdir()
-    timer = (
-        "import subprocess, sys, time; t = time.perf_counter(); "
-        "subprocess.run(['chroot', sys.argv[1], '/bin/true']); "
-        "print(time.perf_counter() - t)"
-    )
-    for comp in ("gzip", "zstd", "lz4", "xz"):
-        image = work / f"{comp}.squashfs"
-        made = subprocess.run(
-            [
-                "mksquashfs",
-                str(APP_TREE),
-                str(image),
-                "-comp",
-                comp,
-                "-noappend",
-                "-quiet",
-                "-all-root",
-            ],
-            capture_output=True,
-        )
-        if made.returncode != 0:
-            out[comp] = {"error": made.stderr.decode(errors="replace")[-200:]}
+
+    def cold(image: Path, code: str) -> float | None:
+        res = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+             'mount -o loop,ro "$1" "$2" && exec "$3" -c "$4" "$2"', "-",
+             str(image), str(mnt), sys.executable, code],
+            capture_output=True, text=True)  # fmt: skip
+        return float(res.stdout.strip()) if res.returncode == 0 else None
+
+    out: dict[str, Any] = {}
+    for tree_name, tree in SQUASH_TREES.items():
+        if not tree.is_dir():
+            out[tree_name] = {"error": f"{tree} not on this machine"}
             continue
-        times = []
-        for _ in range(reps):
-            res = subprocess.run(
-                ["unshare", "-m", "--propagation", "private", "sh", "-c",
-                 'mount -o loop,ro "$1" "$2" && exec "$3" -c "$4" "$2"', "-",
-                 str(image), str(mnt), sys.executable, timer],
-                capture_output=True, text=True)  # fmt: skip
-            if res.returncode == 0:
-                times.append(float(res.stdout.strip()))
-        out[comp] = {"bytes": image.stat().st_size, "first_exec": stat(times)}
+        per: dict[str, Any] = {}
+        for comp in COMPRESSIONS:
+            image = work / f"{comp}.squashfs"
+            builds = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                made = subprocess.run(
+                    ["mksquashfs", str(tree), str(image), "-comp", comp, "-noappend", "-quiet",
+                     "-no-progress", "-all-root", "-mkfs-time", "0", "-all-time", "0"],
+                    capture_output=True)  # fmt: skip
+                builds.append(time.perf_counter() - t0)
+                if made.returncode != 0:
+                    break
+            if made.returncode != 0:
+                per[comp] = {"error": made.stderr.decode(errors="replace")[-200:]}
+                continue
+            entry: dict[str, Any] = {"bytes": image.stat().st_size, "build": stat(builds)}
+            if (tree / "bin" / "true").exists():
+                entry["first_exec"] = stat(
+                    [t for _ in range(reps) if (t := cold(image, FIRST_EXEC)) is not None]
+                )
+            entry["read_all"] = stat(
+                [t for _ in range(reps) if (t := cold(image, READ_ALL)) is not None]
+            )
+            per[comp] = entry
+            image.unlink()
+        out[tree_name] = {"tree_bytes": _file_bytes(tree), "images": per}
     dir_times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         subprocess.run(["chroot", str(APP_TREE), "/bin/true"])
         dir_times.append(time.perf_counter() - t0)
-    out["directory (page cache)"] = {"bytes": None, "first_exec": stat(dir_times)}
+    out["app directory (page cache)"] = {"first_exec": stat(dir_times)}
     return out
+
+
+def _file_bytes(tree: Path) -> int:
+    """Bytes of the regular files under ``tree``: no symlink followed, hard links once."""
+    seen: dict[tuple[int, int], int] = {}
+    for root, _, files in os.walk(tree):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if st.st_mode & 0o170000 == 0o100000:
+                seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
+
+
+def fig_pid1_modules(work: Path, keys: Path) -> dict[str, Any]:
+    """The modules the running PID 1 imported, from one boot under PYTHONPROFILEIMPORTTIME.
+
+    Not a memory boot (importtime's own bookkeeping): only the names, the count and
+    PID 1's import time. Its section of the log is the one that imports pvpy.supervisor.
+    """
+    rev = build_revision(work, keys, 1, six_containers())
+    storage = work / "dev"
+    provision(rev, storage, keys)
+    log_path = work / "importtime.log"
+    with device(storage, log_path, env={"PYTHONPROFILEIMPORTTIME": "1"}) as dev:
+        dev.wait_goals(60)
+    header = "import time: self [us] | cumulative | imported package"
+    for section in log_path.read_text(errors="replace").split(header):
+        rows = re.findall(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", section)
+        names = [name for _, _, _, name in rows]
+        if "pvpy.init" in names and "pvpy.supervisor" in names:
+            top = sum(int(cum) for _, cum, indent, _ in rows if len(indent) == 1)
+            found = sorted({n for n in names if n in sys.modules or _importable(n)})
+            return {"modules": found, "count": len(found), "import_s": top / 1e6}
+    return {"error": "no PID 1 section in the importtime output"}
+
+
+def _importable(name: str) -> bool:
+    """importtime also lists the imports that failed (nt, _winapi, ... on Linux)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def fig_pyspy(work: Path, keys: Path) -> dict[str, Any]:
@@ -801,6 +878,7 @@ def main() -> int:
             section("profile", lambda _w, r: fig_profile(r), args.reps)
             section("module_pss", lambda _w, r: fig_module_pss(r), args.reps)
             section("squashfs", fig_squashfs, args.reps)
+            section("pid1_modules", fig_pid1_modules, keys)
             section("pyspy", fig_pyspy, keys)
         needs_docker = want("memory") or want("start") or want("scale")
         if needs_docker and not args.no_docker:

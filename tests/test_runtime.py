@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pvpy.runtime import _remove_tree
+import pytest
+
+from pvpy import _run
+from pvpy.runtime import Paths, Runtime, _remove_tree
 
 
 def test_remove_tree_removes_everything_and_follows_no_symlink(tmp_path: Path) -> None:
@@ -27,3 +30,17 @@ def test_remove_tree_removes_everything_and_follows_no_symlink(tmp_path: Path) -
 
 def test_remove_tree_of_nothing_is_fine(tmp_path: Path) -> None:
     _remove_tree(tmp_path / "missing")
+
+
+def test_delete_spawns_the_runtime_only_when_it_keeps_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(_run, "which", lambda program: f"/usr/bin/{program}")
+    monkeypatch.setattr(_run, "call", lambda argv, **_kw: calls.append(list(argv)) or 0)
+    runtime = Runtime(Paths(storage=tmp_path / "storage", run=tmp_path / "run"), "crun")
+    runtime.delete("app")
+    assert calls == []  # no state: nothing to forget, nothing spawned
+    (tmp_path / "run" / "crun" / "app").mkdir(parents=True)
+    runtime.delete("app")
+    assert calls and calls[0][-3:] == ["delete", "--force", "app"]

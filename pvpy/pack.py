@@ -16,12 +16,12 @@ Debian's squashfs-tools. Images are made reproducible (fixed times, sorted by
 mksquashfs) so the same tree gives the same object and updates send nothing.
 
 Compression: zstd by default. Against gzip (mksquashfs's default) it gave
-6-10% smaller images that a freshly mounted image reads 1.5-1.9x faster
-(first exec of busybox 19.6 -> 10.4 ms, reading a 52 MB Python stdlib tree
-461 -> 287 ms), built no slower (bench/findings.md). Every board's kernel
-(Debian's linux-image-arm64: CONFIG_SQUASHFS_ZSTD=y) mounts it. lz4 reads a
-little faster but is 36-51% bigger; xz is 10-20% smaller but reads 3-4x
-slower. A spec may choose any of COMPRESSORS per source.
+6-10% smaller images that a freshly mounted image reads 1.2-1.9x faster
+(first exec of busybox ~20 -> ~10 ms, reading a 52 MB Python stdlib tree
+~500 -> ~300 ms); mksquashfs takes 0.7-1.5x gzip's time (bench/findings.md).
+Every board's kernel (Debian's linux-image-arm64: CONFIG_SQUASHFS_ZSTD=y)
+mounts it. lz4 reads a little faster but is 36-51% bigger; xz is 10-20%
+smaller but reads 3-4x slower. A spec may choose any of COMPRESSORS per source.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pvpy.errors import DeviceError
+from pvpy.store import fsync_dir
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
 if TYPE_CHECKING:
@@ -108,15 +109,7 @@ def _write_file(path: Path, content: Path | bytes) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def write_files(target: Path, files: Mapping[str, Path | bytes]) -> None:
@@ -130,13 +123,13 @@ def write_files(target: Path, files: Mapping[str, Path | bytes]) -> None:
     try:
         with contextlib.suppress(FileNotFoundError):
             (target / CONFIG).unlink()
-            _fsync_dir(target)
+            fsync_dir(target)
         for entry in os.listdir(target):
             if entry.startswith(".") and entry.endswith(".tmp"):
                 (target / entry).unlink()
         for name in sorted(files, key=lambda n: (n in (CMDLINE, CONFIG), n == CONFIG, n)):
             _write_file(target / name, files[name])
-        _fsync_dir(target)
+        fsync_dir(target)
     except OSError as e:
         raise DeviceError(f"boot partition {target}: {e}") from e
 

@@ -664,19 +664,23 @@ def build_env_flash(b: ImageBuild) -> None:
     (b.out / "uboot-env.img").write_bytes(flash)
 
 
-def write_manifest(b: ImageBuild) -> None:
+def _write_image_manifest(b: ImageBuild, **board_specific: Any) -> None:
+    """``image.json``: what every image has, plus what its kind of boot needs."""
     manifest = {
         "board": b.board.name,
         "board_dir": str(b.board.dir),
         "disk": b.disk.name,
-        "env_flash": "uboot-env.img",
-        "u_boot": str(b.board.u_boot),
+        **board_specific,
         "kernel_package": b.kernel_package,
         "revision": b.revision,
         "api_token": "api-token",
         "qemu": b.board.doc.get("qemu", {}),
     }
     (b.out / IMAGE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def write_manifest(b: ImageBuild) -> None:
+    _write_image_manifest(b, env_flash="uboot-env.img", u_boot=str(b.board.u_boot))
 
 
 STEPS: list[Callable[[ImageBuild], None]] = [
@@ -907,22 +911,15 @@ def build_rpi_disk(b: ImageBuild) -> None:
 
 def write_rpi_manifest(b: ImageBuild) -> None:
     layout = rpi_layout(b.board)
-    manifest = {
-        "board": b.board.name,
-        "board_dir": str(b.board.dir),
-        "disk": b.disk.name,
-        "boot": RPI_BOOTLOADER,
-        "partitions": {"config": layout.config, "boot": list(layout.boot),
-                       "storage": layout.storage},
-        "boot_files": {"kernel": RPI_KERNEL, "initrd": RPI_INITRD, "cmdline": RPI_CMDLINE,
-                       "config": RPI_CONFIG},
-        "kernel_package": b.kernel_package,
-        "dtb": b.dtb.name if b.dtb else None,
-        "revision": b.revision,
-        "api_token": "api-token",
-        "qemu": b.board.doc.get("qemu", {}),
-    }
-    (b.out / IMAGE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    _write_image_manifest(
+        b,
+        boot=RPI_BOOTLOADER,
+        partitions={"config": layout.config, "boot": list(layout.boot),
+                    "storage": layout.storage},
+        boot_files={"kernel": RPI_KERNEL, "initrd": RPI_INITRD, "cmdline": RPI_CMDLINE,
+                    "config": RPI_CONFIG},
+        dtb=b.dtb.name if b.dtb else None,
+    )  # fmt: skip
 
 
 RPI_STEPS: list[Callable[[ImageBuild], None]] = [

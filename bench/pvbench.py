@@ -174,6 +174,17 @@ def fig_bare_python(reps: int) -> dict[str, Any]:
     return out
 
 
+def docker_run_host_os_and_apps(docker: DockerEngine, apps: list[str]) -> float:
+    """``docker run -d`` the host OS, then each idle app, in a row; the seconds it took."""
+    t0 = time.monotonic()
+    docker.docker("run", "-d", "--name", "hostos", *HOSTOS_PRIVILEGES, "--network", "host",
+                  "pvbench/hostos", "/sbin/init")  # fmt: skip
+    for name in apps:
+        docker.docker("run", "-d", "--name", name, "--network", "none", "pvbench/app",
+                      "/bin/sh", "-c", IDLE)  # fmt: skip
+    return time.monotonic() - t0
+
+
 def fig_docker_boot6(docker: DockerEngine, work: Path, reps: int) -> dict[str, Any]:
     """dockerd + containerd running the same 6 containers (same rootfs trees)."""
     out: dict[str, list[float]] = {
@@ -193,32 +204,7 @@ def fig_docker_boot6(docker: DockerEngine, work: Path, reps: int) -> dict[str, A
     idle: dict[str, float] = {}
     for i in range(reps + 1):
         log(f"docker run {i}/{reps} (host OS + 5 apps)")
-        t0 = time.monotonic()
-        docker.docker(
-            "run",
-            "-d",
-            "--name",
-            "hostos",
-            *HOSTOS_PRIVILEGES,
-            "--network",
-            "host",
-            "pvbench/hostos",
-            "/sbin/init",
-        )
-        for k in range(1, 6):
-            docker.docker(
-                "run",
-                "-d",
-                "--name",
-                f"app{k}",
-                "--network",
-                "none",
-                "pvbench/app",
-                "/bin/sh",
-                "-c",
-                IDLE,
-            )
-        start_all = time.monotonic() - t0
+        start_all = docker_run_host_os_and_apps(docker, [f"app{k}" for k in range(1, 6)])
         time.sleep(SETTLE)
         pids = docker.pids()
         engine = smaps_sum(pids["dockerd"] + pids["containerd"])
@@ -457,32 +443,7 @@ def fig_docker_scale(docker: DockerEngine, sizes: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for n in sizes:
         log(f"docker scale: {n} apps (+ host OS)")
-        t0 = time.monotonic()
-        docker.docker(
-            "run",
-            "-d",
-            "--name",
-            "hostos",
-            *HOSTOS_PRIVILEGES,
-            "--network",
-            "host",
-            "pvbench/hostos",
-            "/sbin/init",
-        )
-        for i in range(n):
-            docker.docker(
-                "run",
-                "-d",
-                "--name",
-                f"a{i:03d}",
-                "--network",
-                "none",
-                "pvbench/app",
-                "/bin/sh",
-                "-c",
-                IDLE,
-            )
-        total = time.monotonic() - t0
+        total = docker_run_host_os_and_apps(docker, [f"a{i:03d}" for i in range(n)])
         time.sleep(SETTLE)
         pids = docker.pids()
         engine = smaps_sum(pids["dockerd"] + pids["containerd"])

@@ -87,7 +87,8 @@ def make_api_token(storage: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24) + "\n")
+            # hex: a token must survive `--token TOKEN` (urlsafe ones may start with "-")
+            f.write(secrets.token_hex(24) + "\n")
     return path
 
 

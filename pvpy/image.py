@@ -39,7 +39,6 @@ import json
 import os
 import py_compile
 import re
-import secrets
 import shutil
 import sys
 import time
@@ -590,7 +589,7 @@ def build_revision(b: ImageBuild) -> None:
 
 def provision_storage(b: ImageBuild) -> None:
     """pvpy's provisioning (verifies the revision, installs it with its boot.env),
-    then what the board adds: the boot script and the API token."""
+    then what the board adds: the boot script, and a copy of the API token beside the image."""
     from pvpy.sandbox import provision
 
     b.storage = b.work / "storage"
@@ -600,12 +599,11 @@ def provision_storage(b: ImageBuild) -> None:
         script = b.board.dir / b.board.get("bootloader", "script")
         _run.run(["mkimage", "-A", "arm64", "-T", "script", "-C", "none", "-n", "pvpy boot",
                   "-d", str(script), str(b.storage / "boot.scr")])  # fmt: skip
-    token = secrets.token_urlsafe(24)
-    for path in (b.storage / API_TOKEN_FILE, b.out / "api-token"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+    # The token provisioning made, beside the image for `pvpy device push --token-file`.
+    token = (b.storage / API_TOKEN_FILE).read_bytes()
+    fd = os.open(b.out / "api-token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(token)
 
 
 def build_disk(b: ImageBuild) -> None:

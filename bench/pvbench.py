@@ -48,7 +48,7 @@ from tests.device import app, build_revision, pvpy
 
 BENCH = Path(__file__).resolve().parent
 SETTLE = 3.0  # seconds of idling before memory is sampled
-PID1_IMPORTS = "pvpy.init, pvpy.supervisor, pvpy.runtime, pvpy.update"
+PID1_IMPORTS = "pvpy.device.pid1, pvpy.device.supervisor, pvpy.device.runtime, pvpy.device.update"
 # `--privileged` fails here (CAP_SYS_RESOURCE is not in this machine's bounding set,
 # runc: "unable to apply caps"): every other capability, as pvpy gives its host OS.
 HOSTOS_PRIVILEGES = (
@@ -467,13 +467,13 @@ def fig_store(work: Path, keys: Path, counts: list[int]) -> dict[str, Any]:
     """N revisions of one base (host OS + 5 apps), each changing app5's image."""
     import yaml
 
-    from pvpy import update as up
+    from pvpy.device import update as up
     from pvpy.log import configure
-    from pvpy.pack import squash_dir
-    from pvpy.sandbox import load_trust
     from pvpy.signing import load_signing_key, sign_state
-    from pvpy.spec import build
     from pvpy.store import SIGNATURE_FILE, STATE_FILE
+    from pvpy.trust import load_trust
+    from pvpy.workstation.pack import squash_dir
+    from pvpy.workstation.spec import build
 
     images = work / "images"
     images.mkdir()
@@ -613,7 +613,7 @@ MODULES = (
     "shutil",
     "enum",
     "pvpy.state.model",
-    "pvpy.init",
+    "pvpy.device.pid1",
 )
 
 
@@ -731,7 +731,7 @@ def fig_pid1_modules(work: Path, keys: Path) -> dict[str, Any]:
     """The modules the running PID 1 imported, from one boot under PYTHONPROFILEIMPORTTIME.
 
     Not a memory boot (importtime's own bookkeeping): only the names, the count and
-    PID 1's import time. Its section of the log is the one that imports pvpy.supervisor.
+    PID 1's import time. Its section of the log is the one that imports pvpy.device.supervisor.
     """
     rev = build_revision(work, keys, 1, six_containers())
     storage = work / "dev"
@@ -743,7 +743,7 @@ def fig_pid1_modules(work: Path, keys: Path) -> dict[str, Any]:
     for section in log_path.read_text(errors="replace").split(header):
         rows = re.findall(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", section)
         names = [name for _, _, _, name in rows]
-        if "pvpy.init" in names and "pvpy.supervisor" in names:
+        if "pvpy.device.pid1" in names and "pvpy.device.supervisor" in names:
             top = sum(int(cum) for _, cum, indent, _ in rows if len(indent) == 1)
             found = sorted({n for n in names if n in sys.modules or _importable(n)})
             return {"modules": found, "count": len(found), "import_s": top / 1e6}

@@ -12,7 +12,7 @@ cortex-a72`` (TCG: software emulation on this x86 machine):
   busybox ``sh`` printing a line and powering off: the floor any init sits on.
 
 Times are host seconds since QEMU started, read from the console lines
-(``pvpy.qemu.Machine`` stamps each line as it arrives).
+(``pvpy.workstation.qemu.Machine`` stamps each line as it arrives).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _shell_initramfs(busybox: Path, out: Path) -> Path:
 
 
 def _direct_argv(argv: list[str], kernel: Path, initrd: Path, cmdline: str) -> list[str]:
-    """``argv`` (pvpy.qemu's for the image) with QEMU loading the kernel instead of U-Boot."""
+    """``argv`` (pvpy.workstation.qemu's for the image) with QEMU loading the kernel instead of U-Boot."""
     out: list[str] = []
     skip = 0
     for i, word in enumerate(argv):
@@ -72,11 +72,11 @@ def _boot(argv: list[str], image: Path, log: Path, marks: dict[str, str],
           timeout: float) -> dict[str, float | None]:  # fmt: skip
     from unittest import mock
 
-    from pvpy.qemu import Machine
+    from pvpy.workstation.qemu import Machine
 
     times: dict[str, float | None] = dict.fromkeys(marks)
     # Machine builds its own command line from the image; the bench swaps in its own.
-    with mock.patch("pvpy.qemu.qemu_argv", return_value=argv):
+    with mock.patch("pvpy.workstation.qemu.qemu_argv", return_value=argv):
         machine = Machine(image, port=None, log_path=log, no_reboot=True)
     with machine:
         start = 0
@@ -91,8 +91,8 @@ def _boot(argv: list[str], image: Path, log: Path, marks: dict[str, str],
 
 def fig_qemu_boot(work: Path, reps: int) -> dict[str, Any]:
     """Build the qemu-arm64 image (packages cached in ~/.cache/pvpy) and boot it."""
-    from pvpy.image import build_image
-    from pvpy.qemu import ensure_qemu, qemu_argv
+    from pvpy.workstation.image import build_image
+    from pvpy.workstation.qemu import ensure_qemu, qemu_argv
 
     ensure_qemu()
     subprocess.run([str(Path(__file__).resolve().parents[1] / "examples/demo/make-rootfs")],

@@ -502,7 +502,7 @@ def render(r: dict[str, Any]) -> str:
             "*How:* revision r = the same host OS and app1-4 images plus app5's "
             "image built from the busybox tree with `/etc/variant` = r (so every revision "
             "brings one new ~1 MiB object). Revision 1 provisioned, the others staged with "
-            "`pvpy.update.stage` (verify, copy missing objects, install the trail). "
+            "`pvpy.device.update.stage` (verify, copy missing objects, install the trail). "
             "Unique bytes = sizes of the distinct objects named by the N revisions; "
             "full copies = what a store without content addressing would keep (N x every "
             "object of a revision).",
@@ -628,7 +628,7 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-PID1_IMPORTS = "pvpy.init, pvpy.supervisor, pvpy.runtime, pvpy.update"
+PID1_IMPORTS = "pvpy.device.pid1, pvpy.device.supervisor, pvpy.device.runtime, pvpy.device.update"
 
 
 def main() -> int:
@@ -684,7 +684,7 @@ def qemu_boot_section(r: dict[str, Any]) -> list[str]:
         f"*How:* `qemu-system-aarch64 -M virt -cpu cortex-a72 -m 512` (TCG, no KVM), "
         f"{q['reps']} boots each of the factory image of `pvpy image build --board "
         f"qemu-arm64` ({q['kernel_package']}), each from the pristine disk; seconds since "
-        "QEMU started, from the stamps `pvpy.qemu.Machine` puts on console lines: PID 1's "
+        "QEMU started, from the stamps `pvpy.workstation.qemu.Machine` puts on console lines: PID 1's "
         "first JSON log line, its `booting revision` event (the revision verified in a "
         "child), the demo's last goal (web READY). U-Boot reached `booti` at "
         f"{cell('uboot', 'booti')} s. pvpy's initramfs is {q['initrd_bytes'] / 2**20:.0f} "

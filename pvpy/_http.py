@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import http.client
+from typing import Protocol
 
 from pvpy.errors import UsageError
+
+
+class Readable(Protocol):
+    """A request body streamed from a file-like object."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
 
 
 def http_connection(

@@ -77,7 +77,7 @@ def cmd_key_keyset(args: argparse.Namespace) -> int:
 
 
 def cmd_state_build(args: argparse.Namespace) -> int:
-    from pvpy.spec import build
+    from pvpy.workstation.spec import build
 
     result = build(Path(args.spec), Path(args.out), revision=args.revision)
     state = result.state
@@ -187,14 +187,15 @@ def cmd_state_show(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace, host: str) -> Any:
-    from pvpy.registry import Registry, load_auth
+    from pvpy.oci import Registry, load_auth
 
     auth = load_auth(Path(args.auth_file)) if getattr(args, "auth_file", None) else None
     return Registry(host, plain_http=args.plain_http, cacert=args.cacert, auth=auth)
 
 
 def cmd_state_publish(args: argparse.Namespace) -> int:
-    from pvpy.registry import Reference, publish
+    from pvpy.oci import Reference
+    from pvpy.workstation.publish import publish
 
     ref = Reference.parse(args.ref)
     publish(_registry(args, ref.registry), ref, Path(args.dir),
@@ -206,7 +207,7 @@ def cmd_state_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_device_provision(args: argparse.Namespace) -> int:
-    from pvpy.sandbox import provision
+    from pvpy.provision import provision
 
     rev = provision(Path(args.storage), Path(args.state), [Path(p) for p in args.trust])
     print(f"provisioned revision {rev} into {args.storage}")
@@ -216,7 +217,7 @@ def cmd_device_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_device_run(args: argparse.Namespace) -> int:
-    from pvpy.sandbox import run
+    from pvpy.device.sandbox import run
 
     init_args = [
         "--runtime", args.runtime,
@@ -239,10 +240,9 @@ def cmd_device_run(args: argparse.Namespace) -> int:
 
 def cmd_device_verify_installed(args: argparse.Namespace) -> int:
     """Used by PID 1 at boot, in a child process: the crypto never lives in PID 1."""
-    from pvpy.sandbox import load_trust
     from pvpy.signing import TrustStore
     from pvpy.store import Storage
-    from pvpy.trust import verify_revision
+    from pvpy.trust import load_trust, verify_revision
 
     storage = Storage(Path(args.storage))
     trust = load_trust(storage.root)
@@ -255,7 +255,9 @@ def cmd_device_verify_installed(args: argparse.Namespace) -> int:
 def cmd_device_write_boot(args: argparse.Namespace) -> int:
     """Used by PID 1 on a Raspberry Pi before a try-boot, in a child process: the
     revision's boot files into the try boot partition (pvpy.rpiboot)."""
-    from pvpy import board, rpiboot
+    from pvpy import rpiboot
+    from pvpy.device import board
+    from pvpy.device.board.rpi import RPI_BOOT_DIR, write_boot_partition
     from pvpy.state import canonical
     from pvpy.store import Storage
 
@@ -267,7 +269,7 @@ def cmd_device_write_boot(args: argparse.Namespace) -> int:
         canonical.decode(state_bytes), storage.objects.root, rpi.get("config_txt", ()),
         str(rpi.get("console", "")), rpi.get("dtb"),
     )  # fmt: skip
-    rpiboot.write_boot_partition(args.target, files, Path(board.RPI_BOOT_DIR))
+    write_boot_partition(args.target, files, Path(RPI_BOOT_DIR))
     return 0
 
 
@@ -277,9 +279,9 @@ def control_request(
     """One request to a running sandbox's PID 1; raises DeviceError unless ok."""
     from pvpy import control
     from pvpy.errors import DeviceError
-    from pvpy.sandbox import run_dir_for
+    from pvpy.paths import control_socket, sandbox_run_dir
 
-    reply = control.request(run_dir_for(storage) / "control.sock", dict(request), timeout)
+    reply = control.request(control_socket(sandbox_run_dir(storage)), dict(request), timeout)
     if not reply.get("ok"):
         raise DeviceError(str(reply.get("error")))
     return reply
@@ -327,7 +329,7 @@ def follow_update(storage: Path, revision: int, timeout: float) -> int:
     """Print an update's progress until it ends; exit 0 for UPDATED/DONE."""
     import time
 
-    from pvpy import update as up
+    from pvpy.device import update as up
 
     deadline = time.monotonic() + timeout
     seen = None
@@ -345,10 +347,10 @@ def follow_update(storage: Path, revision: int, timeout: float) -> int:
 
 
 def cmd_device_update(args: argparse.Namespace) -> int:
-    from pvpy import update as up
-    from pvpy.sandbox import load_trust
+    from pvpy.device import update as up
+    from pvpy.device.update import stage
     from pvpy.store import Storage
-    from pvpy.update import stage
+    from pvpy.trust import load_trust
 
     storage = Path(args.storage)
     control_request(storage, {"cmd": "status"})  # the device must be up to apply it
@@ -364,7 +366,7 @@ def cmd_device_update(args: argparse.Namespace) -> int:
 
 def _remote(args: argparse.Namespace, timeout: float = 30.0) -> Any:
     """The device at args.url; the token from --token, --token-file or $PVPY_API_TOKEN."""
-    from pvpy.remote import Device
+    from pvpy.workstation.remote import Device
 
     token = getattr(args, "token", None) or os.environ.get("PVPY_API_TOKEN")
     token_file = getattr(args, "token_file", None)
@@ -377,14 +379,14 @@ def _remote(args: argparse.Namespace, timeout: float = 30.0) -> Any:
 
 
 def cmd_device_push(args: argparse.Namespace) -> int:
-    from pvpy.remote import push
+    from pvpy.workstation.remote import push
 
     return push(_remote(args), Path(args.state), timeout=args.timeout, wait=not args.no_wait,
                 say=lambda line: print(line, flush=True))  # fmt: skip
 
 
 def cmd_device_logs(args: argparse.Namespace) -> int:
-    from pvpy.remote import logs_path
+    from pvpy.workstation.remote import logs_path
 
     device = _remote(args)
     out = sys.stdout.buffer
@@ -396,7 +398,7 @@ def cmd_device_logs(args: argparse.Namespace) -> int:
 
 def cmd_device_api(args: argparse.Namespace) -> int:
     """PID 1 runs this (``Init.ensure_api``); it serves until SIGTERM."""
-    from pvpy.api import Limits, serve
+    from pvpy.device.api import Limits, serve
 
     limits = Limits(max_connections=args.max_connections, max_object=args.max_object,
                     head_timeout=args.head_timeout, client_timeout=args.client_timeout)
@@ -409,9 +411,10 @@ def cmd_device_api(args: argparse.Namespace) -> int:
 
 def cmd_device_pull(args: argparse.Namespace) -> int:
     """Poll a registry tag; install and apply what is new (never in PID 1)."""
+    from pvpy.device.puller import Puller, run
     from pvpy.log import configure
-    from pvpy.registry import AUTH_FILE, Puller, Reference, run
-    from pvpy.sandbox import run_dir_for
+    from pvpy.oci import AUTH_FILE, Reference
+    from pvpy.paths import sandbox_run_dir
     from pvpy.store import Storage
 
     if not args.verbose and "PVPY_LOG_LEVEL" not in os.environ:
@@ -422,7 +425,7 @@ def cmd_device_pull(args: argparse.Namespace) -> int:
     storage = Storage(Path(args.storage))
     if args.auth_file is None and (storage.root / AUTH_FILE).is_file():
         args.auth_file = str(storage.root / AUTH_FILE)
-    run_dir = Path(args.run_dir) if args.run_dir else run_dir_for(storage.root)
+    run_dir = Path(args.run_dir) if args.run_dir else sandbox_run_dir(storage.root)
     puller = Puller(storage, run_dir, _registry(args, ref.registry), ref,
                     retry_failed=args.retry_failed)  # fmt: skip
     return run(puller, args.interval, args.once, say=lambda line: print(line, flush=True))
@@ -450,7 +453,7 @@ def cmd_device_command(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
-    from pvpy.image import build_image, is_rpi
+    from pvpy.workstation.image import build_image, is_rpi
 
     b = build_image(args.board, Path(args.out), spec=Path(args.spec) if args.spec else None,
                     key=Path(args.key) if args.key else None,
@@ -466,7 +469,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_qemu_run(args: argparse.Namespace) -> int:
-    from pvpy.qemu import run
+    from pvpy.workstation.qemu import run
 
     return run(Path(args.image), args.port or None, args.timeout, args.until,
                Path(args.log) if args.log else None, quiet=args.quiet,
@@ -750,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["init"]:
         # PID 1: skip the CLI's imports and structlog entirely.
-        from pvpy.init import main as init_main
+        from pvpy.device.pid1 import main as init_main
 
         init_main(argv[1:])
     parser = build_parser()

@@ -1,7 +1,7 @@
 """Client of PID 1's control socket: one JSON line out, one JSON line back.
 
 Used by the CLI, the API server and the tests; the server side is
-``pvpy.init.Init.handle``. Local and root only (the socket is mode 0600).
+``pvpy.device.pid1.Init.handle``. Local and root only (the socket is mode 0600).
 """
 
 from __future__ import annotations

@@ -28,7 +28,15 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvpy.errors import ExpiredError, ManifestError, RollbackError, SignatureError, StoreError
+from pvpy import paths
+from pvpy.errors import (
+    DeviceError,
+    ExpiredError,
+    ManifestError,
+    RollbackError,
+    SignatureError,
+    StoreError,
+)
 from pvpy.signing import DOMAIN_STATE, TrustStore, parse_envelope_unverified
 from pvpy.state import State, canonical, validate
 from pvpy.store import SIGNATURE_FILE, STATE_FILE, ObjectStore
@@ -146,3 +154,11 @@ def verify_revision_dir(
         now=now,
         keyset_bytes=keyset,
     )
+
+
+def load_trust(storage: Path) -> TrustStore:
+    """The keys a device trusts: every file of STORAGE/trust. Raises DeviceError."""
+    files = sorted((Path(storage) / paths.TRUST).glob("*"))
+    if not files:
+        raise DeviceError(f"{storage}: no trusted keys (run `pvpy device provision`)")
+    return TrustStore.from_files(files)

@@ -25,7 +25,7 @@ import yaml
 
 from pvpy import control
 from pvpy.errors import DeviceError
-from pvpy.sandbox import run_dir_for
+from pvpy.paths import sandbox_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "examples" / "demo"
@@ -109,7 +109,7 @@ class SandboxDevice:
         self.storage = storage
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
-        self.run_dir = run_dir_for(storage)
+        self.run_dir = sandbox_run_dir(storage)
 
     def start(self, *extra: str, env: dict[str, str] | None = None) -> SandboxDevice:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child

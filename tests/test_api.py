@@ -1,4 +1,4 @@
-"""The device API (pvpy.api) and the workstation client (pvpy.remote, `pvpy device push`).
+"""The device API (pvpy.device.api) and the workstation client (pvpy.workstation.remote, `pvpy device push`).
 
 The root tests boot a real sandbox device and talk to a real `pvpy device api`
 process over TCP: either the one PID 1 starts (`--api-tcp`), or one started here
@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from pvpy import api
+from pvpy.device import api
 from pvpy.errors import (
     ManifestError,
     ObjectCorruptError,
@@ -36,7 +36,7 @@ from pvpy.errors import (
     StoreError,
     UsageError,
 )
-from pvpy.remote import Device
+from pvpy.workstation.remote import Device
 from tests.device import (
     COMMIT,
     HOSTOS,

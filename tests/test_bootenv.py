@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from pvpy.bootenv import BootEnv, BootEnvError, choose_boot
-from pvpy.bootenv import uboot as uboot_mod
-from pvpy.bootenv.file import FileBootEnv
-from pvpy.bootenv.grub import SIZE as GRUB_SIZE
-from pvpy.bootenv.grub import GrubEnv
-from pvpy.bootenv.rpi import AUTOBOOT_MAX, RpiTryboot
-from pvpy.bootenv.uboot import UBootEnv
+from pvpy.device.bootenv import BootEnv, BootEnvError, choose_boot, open_bootenv
+from pvpy.device.bootenv import uboot as uboot_mod
+from pvpy.device.bootenv.file import FileBootEnv
+from pvpy.device.bootenv.grub import SIZE as GRUB_SIZE
+from pvpy.device.bootenv.grub import GrubEnv
+from pvpy.device.bootenv.rpi import RpiTryboot
+from pvpy.device.bootenv.uboot import UBootEnv
+from pvpy.rpiboot import AUTOBOOT_MAX
 
 needs_fw = pytest.mark.skipif(
     not (shutil.which("fw_printenv") and shutil.which("fw_setenv")),
@@ -445,7 +446,8 @@ def test_rpi_commit_swaps_autoboot(tmp_path: Path) -> None:
 
     env.write({"pv_try": "2", "pv_trying": None, "pv_bootcount": "0"})
     assert autoboot_txt.read_text() == autoboot(2, 3)  # [tryboot] already names the try
-    assert env.tryboot_reboot_argument() == "0 tryboot"
+    assert env.try_reboot_argument() == "0 tryboot"
+    assert env.writes_try_partition()
 
     commit = {"pv_rev": "2", "pv_try": None, "pv_trying": None, "pv_bootcount": None}
     with pytest.raises(BootEnvError, match=r"^rpi: cannot commit revision 2"):
@@ -503,16 +505,18 @@ def test_rpi_adopts_existing_autoboot_and_heals_it(tmp_path: Path) -> None:
     assert (boot / "autoboot.txt").read_text() == autoboot(3, 2)
 
 
-def test_rpi_reboot_try_and_derived_variable(tmp_path: Path) -> None:
-    calls: list[str] = []
-    env = RpiTryboot(tmp_path, calls.append, dt_bootloader=tmp_path / "no-dt")
-    env.reboot_try()
-    assert calls == ["0 tryboot"]
+def test_rpi_derived_variable_and_no_device_tree(tmp_path: Path) -> None:
+    env = RpiTryboot(tmp_path, dt_bootloader=tmp_path / "no-dt")
     assert not env.booted_try()  # no device tree: not a try
     with pytest.raises(BootEnvError, match=r"^rpi: rpi_boot_partition is derived"):
         env.write({"rpi_boot_partition": "3"})
-    with pytest.raises(BootEnvError, match=r"^rpi: no reboot command"):
-        RpiTryboot(tmp_path).reboot_try()
+
+
+@pytest.mark.parametrize("spec", ["file:{d}/env", "uboot:{d}/uboot.env", "grub:{d}/grubenv"])
+def test_bootloaders_that_read_the_storage_need_no_try_partition(tmp_path: Path, spec: str) -> None:
+    env = open_bootenv(spec.format(d=tmp_path))
+    assert env.try_reboot_argument() is None
+    assert not env.writes_try_partition()
 
 
 # --- choose_boot on every backend ----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""pvpy.init without a device: its flags and what it imports (PID 1 stays lean).
+"""pvpy.device.pid1 without a device: its flags and what it imports (PID 1 stays lean).
 
 Booting PID 1 is tested in test_sandbox.py (sandbox) and test_init_device.py (device mode).
 """
@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from pvpy.init import OPTIONS, Options, parse_options
+from pvpy.device.pid1 import OPTIONS, Options, parse_options
 
 REPO = Path(__file__).resolve().parent.parent
 
 # What PID 1 loads to boot and supervise, on a board and in the sandbox.
 PID1_MODULES = (
-    "pvpy.init, pvpy.apply, pvpy.supervisor, pvpy.runtime, pvpy.update, pvpy.store, "
-    "pvpy.state, pvpy.state.canonical, pvpy.state.model, pvpy.bootenv.file, "
-    "pvpy.bootenv.uboot, pvpy.board, pvpy.modules"
+    "pvpy.device.pid1, pvpy.device.apply, pvpy.device.supervisor, pvpy.device.runtime, pvpy.device.update, pvpy.store, "
+    "pvpy.state, pvpy.state.canonical, pvpy.state.model, pvpy.device.bootenv.file, "
+    "pvpy.device.bootenv.uboot, pvpy.device.board, pvpy.device.board.modules"
 )
 # Each costs PID 1 memory for its whole life and is not needed there (bench/findings.md).
 NOT_IN_PID1 = ("argparse", "dataclasses", "inspect", "typing", "importlib.resources", "shutil",

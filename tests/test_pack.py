@@ -1,4 +1,4 @@
-"""pvpy.pack and pvpy.spec.build: sources become squashfs objects, checked with unsquashfs."""
+"""pvpy.workstation.pack and pvpy.workstation.spec.build: sources become squashfs objects, checked with unsquashfs."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from pvpy.errors import ManifestError, SpecError
-from pvpy.pack import PackedImage, extract_tar, pack_rootfs
-from pvpy.spec import build
 from pvpy.store import ObjectStore, sha256_file
+from pvpy.workstation.pack import PackedImage, extract_tar, pack_rootfs
+from pvpy.workstation.spec import build
 
 pytestmark = [
     pytest.mark.skipif(

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pvpy import update as up
+from pvpy.device import update as up
 from tests.device import COMMIT, pvpy
 from tests.test_update import revisions
 

@@ -39,12 +39,12 @@ from typing import Any
 
 import pytest
 
-from pvpy.board import boot_choice
+from pvpy.device.board import boot_choice
+from pvpy.device.board.modules import load_order
 from pvpy.errors import DeviceError, PvpyError
-from pvpy.image import DEFAULT_SPEC, ImageBuild, build_board_revision, build_image
-from pvpy.modules import load_order
-from pvpy.qemu import Machine, ensure_qemu
 from pvpy.store import ObjectStore, boot_env
+from pvpy.workstation.image import DEFAULT_SPEC, ImageBuild, build_board_revision, build_image
+from pvpy.workstation.qemu import Machine, ensure_qemu
 
 qemu = pytest.mark.qemu
 

@@ -1,4 +1,4 @@
-"""Pull mode (pvpy.registry): `pvpy state publish` and `pvpy device pull`.
+"""Pull mode (pvpy.oci, pvpy.workstation.publish, pvpy.device.puller): `pvpy state publish` and `pvpy device pull`.
 
 Against a real registry: Debian's docker-registry (distribution 2.8) started
 here on 127.0.0.1 with its storage in tmp_path, stopped at the end. The root
@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from pvpy import registry as reg
+from pvpy import oci as reg
 from pvpy.errors import UsageError
 from pvpy.signing import SigningKey, generate_key
+from pvpy.workstation import publish as pub
 from tests.conftest import write_revision
 from tests.device import (
     COMMIT,
@@ -142,7 +143,7 @@ def test_publish_sends_only_missing_blobs(tmp_path: Path, registry: RegistryProc
     ref = reg.Reference.parse(f"{registry.host}/fleet/demo:stable")
     lines: list[str] = []
 
-    first = reg.publish(client, ref, r1, say=lines.append)
+    first = pub.publish(client, ref, r1, say=lines.append)
     state1 = (r1 / "state.json").read_bytes()
     sig1 = (r1 / "state.sig.json").read_bytes()
     # config, state, signature, two objects: all new
@@ -150,14 +151,14 @@ def test_publish_sends_only_missing_blobs(tmp_path: Path, registry: RegistryProc
     assert first.sent_bytes == len(b"{}") + len(state1) + len(sig1) + len(shared) + len(old)
     assert first.tags == ["stable", "1"]
 
-    second = reg.publish(client, ref, r2, say=lines.append)
+    second = pub.publish(client, ref, r2, say=lines.append)
     state2, sig2 = (r2 / "state.json").read_bytes(), (r2 / "state.sig.json").read_bytes()
     # the shared object and the config are already there: state, signature, one object
     assert (second.blobs, second.sent_blobs) == (5, 3)
     assert second.sent_bytes == len(state2) + len(sig2) + len(new)
     assert "5 blob(s), 3 missing" in lines[-2]
 
-    again = reg.publish(client, ref, r2, say=lines.append)
+    again = pub.publish(client, ref, r2, say=lines.append)
     assert (again.sent_blobs, again.sent_bytes, again.digest) == (0, 0, second.digest)
 
     # what the registry holds: an OCI 1.1 artifact, kept as sent by distribution 2.8
@@ -176,7 +177,7 @@ def test_publish_sends_only_missing_blobs(tmp_path: Path, registry: RegistryProc
     bad = write_revision(tmp_path / "bad", 3, [key], {"app": b"good bytes"})
     (bad / "objects" / sha(b"good bytes")).write_bytes(b"evil bytes")
     with pytest.raises(reg.RegistryError, match="DIGEST_INVALID"):
-        reg.publish(client, ref, bad, say=lines.append)
+        pub.publish(client, ref, bad, say=lines.append)
     assert registry.manifest("fleet/demo", "stable")["annotations"]["org.pvpy.revision"] == "2"
     # the CLI: same thing, exit 0; a registry that is not there: exit 11
     out = pvpy("state", "publish", r1, f"{registry.host}/fleet/other:stable", "--plain-http")
@@ -186,8 +187,8 @@ def test_publish_sends_only_missing_blobs(tmp_path: Path, registry: RegistryProc
 
 
 def test_manifests_that_are_not_revisions() -> None:
-    good = reg.make_manifest(3, [reg.Blob("state", reg.STATE_TYPE, "sha256:" + "a" * 64, 1),
-                                 reg.Blob("signature", reg.SIGNATURE_TYPE, "sha256:" + "b" * 64, 1)])  # fmt: skip
+    good = pub.make_manifest(3, [pub.Blob("state", reg.STATE_TYPE, "sha256:" + "a" * 64, 1),
+                                 pub.Blob("signature", reg.SIGNATURE_TYPE, "sha256:" + "b" * 64, 1)])  # fmt: skip
     assert set(reg.parse_manifest_unverified(good)) == {"state", "signature"}
     doc = json.loads(good)
     for broken in ({**doc, "artifactType": "application/vnd.other"}, {**doc, "layers": doc["layers"][:1]},

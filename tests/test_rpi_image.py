@@ -6,7 +6,7 @@ flag. What is tested is everything pvpy writes for it, read back from the
 disk image with the tools a person would use (sfdisk, mtools, the ext4
 superblock): the MBR, the files of each FAT partition, config.txt,
 cmdline.txt and autoboot.txt; the commit and the rollback of a try done by
-``pvpy.bootenv.rpi.RpiTryboot`` on the image's own config partition (the
+``pvpy.device.bootenv.rpi.RpiTryboot`` on the image's own config partition (the
 firmware's device-tree report of a tryboot is the one thing faked); and the
 image's kernel and initramfs booted on QEMU's ``virt`` machine with the SD
 image as a virtio disk, up to pvpy as PID 1 with its containers running and
@@ -34,9 +34,13 @@ from typing import Any
 
 import pytest
 
-from pvpy.bootenv.rpi import AUTOBOOT, AUTOBOOT_MAX, ENV_FILE, RpiTryboot, autoboot_text
+from pvpy.device.bootenv.rpi import RpiTryboot
 from pvpy.errors import BootEnvError, PvpyError
-from pvpy.image import (
+from pvpy.rpiboot import AUTOBOOT, AUTOBOOT_MAX, ENV_FILE, autoboot_text
+from pvpy.signing import generate_key
+from pvpy.state import canonical
+from pvpy.store import ObjectStore
+from pvpy.workstation.image import (
     DEFAULT_SPEC,
     IMAGE_MANIFEST,
     RPI_CMDLINE,
@@ -50,10 +54,7 @@ from pvpy.image import (
     rpi_layout,
     write_rpi_manifest,
 )
-from pvpy.qemu import Machine, ensure_qemu, qemu_argv
-from pvpy.signing import generate_key
-from pvpy.state import canonical
-from pvpy.store import ObjectStore
+from pvpy.workstation.qemu import Machine, ensure_qemu, qemu_argv
 from tests.conftest import write_revision
 from tests.device import free_port
 

@@ -1,4 +1,4 @@
-"""The Raspberry Pi try-boot flow on the device (pvpy.rpiboot, pvpy.board, pvpy.apply).
+"""The Raspberry Pi try-boot flow on the device (pvpy.rpiboot, pvpy.device.board, pvpy.device.apply).
 
 No Pi and no Pi firmware here: directories stand in for the SD card's
 partitions (``disk/p1`` config, ``p2``/``p3`` boot A/B, ``p4`` the storage)
@@ -24,17 +24,20 @@ from typing import Any
 
 import pytest
 
-from pvpy import board, rpiboot
-from pvpy import update as up
-from pvpy.apply import Applier
-from pvpy.bootenv.file import FileBootEnv
-from pvpy.bootenv.rpi import AUTOBOOT, NOT_TRYBOOTED, TRYBOOT_ARGUMENT, autoboot_text
+from pvpy import rpiboot
+from pvpy.device import board
+from pvpy.device import update as up
+from pvpy.device.apply import Applier
+from pvpy.device.board import rpi
+from pvpy.device.bootenv.file import FileBootEnv
+from pvpy.device.bootenv.rpi import NOT_TRYBOOTED, TRYBOOT_ARGUMENT
 from pvpy.errors import DeviceError
-from pvpy.image import load_board, rpi_boot_files
+from pvpy.rpiboot import AUTOBOOT, autoboot_text
 from pvpy.signing import SigningKey
 from pvpy.state import canonical
 from pvpy.state.model import State
 from pvpy.store import ObjectStore, Storage
+from pvpy.workstation.image import load_board, rpi_boot_files
 from tests.conftest import write_revision
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +47,7 @@ FIRMWARE = {"start4.elf": b"gpu firmware", "fixup4.dat": b"fixup"}
 
 
 class FakeInit:
-    """What ``Applier`` uses of ``pvpy.init.Init``: storage, boot env, flags, the
+    """What ``Applier`` uses of ``pvpy.device.pid1.Init``: storage, boot env, flags, the
     running state, and the two ways out (a child process, a reboot request)."""
 
     def __init__(self, storage: Path, bootenv: Any, running: State, board_file: Path | None = None,
@@ -108,7 +111,7 @@ class Pi:
         for n in (2, 3):
             for name, data in FIRMWARE.items():
                 (self.disk / f"p{n}" / name).write_bytes(data)
-            rpiboot.write_files(self.disk / f"p{n}", self.files(1))
+            rpi.write_files(self.disk / f"p{n}", self.files(1))
         self.firmware(partition=2, tryboot=False)
         self.env().write({"pv_rev": "1"})
 
@@ -124,7 +127,7 @@ class Pi:
 
     def env(self) -> Any:
         config = board.BoardConfig(name="rpi-test", rpi=RPI)
-        return board.open_rpi_bootenv(config, str(self.disk / "p4"), "/nonexistent", self.dt)
+        return rpi.open_rpi_bootenv(config, str(self.disk / "p4"), "/nonexistent", self.dt)
 
     def state(self, revision: int) -> State:
         return State.from_dict(canonical.decode((self.revs[revision] / "state.json").read_bytes()))
@@ -139,7 +142,7 @@ class Pi:
         env = self.env()
         booted = struct.unpack(">I", (self.dt / "partition").read_bytes())[0]
         cmdline = (self.disk / f"p{booted}" / rpiboot.CMDLINE).read_text()
-        choice, reason = board.rpi_boot_choice(env, board.boot_choice(cmdline))
+        choice, reason = rpi.rpi_boot_choice(env, board.boot_choice(cmdline))
         init = FakeInit(self.store.root, env, self.state(choice.revision or 1),
                         self.board_file, trying=choice.trying, failed_try=choice.failed_try)  # fmt: skip
         init.failed_try_reason = reason
@@ -223,7 +226,7 @@ def test_firmware_try_boot_then_commit_swaps_autoboot(pi: Pi) -> None:
     assert init.bootenv.read() == {"pv_rev": "2", "rpi_boot_partition": "3"}
     assert record(pi, 2).status == up.DONE
     # The next update goes to A, the partition that is no longer committed.
-    assert board.rpi_try_partition(board.BoardConfig(name="t", rpi=RPI), init.bootenv,
+    assert rpi.rpi_try_partition(board.BoardConfig(name="t", rpi=RPI), init.bootenv,
                                    str(pi.disk / "p4")) == str(pi.disk / "p2")  # fmt: skip
 
 
@@ -259,7 +262,7 @@ def test_try_partition_holding_other_files_is_not_tested(pi: Pi) -> None:
     """The flag says the try booted, but the partition's cmdline.txt names another
     revision: the try fails and the committed revision runs."""
     pi.update_to_2()
-    rpiboot.write_files(pi.disk / "p3", pi.files(1))
+    rpi.write_files(pi.disk / "p3", pi.files(1))
     pi.firmware(partition=3, tryboot=True)
     init, _ = pi.boot()
     assert (init.args.boot_revision, init.args.trying, init.args.failed_try) == (1, False, 2)
@@ -274,7 +277,7 @@ def test_power_cut_while_writing_the_try_partition(pi: Pi, cut_after: int,
     and the record says interrupted."""
     committed, config = pi.snapshot(2), pi.snapshot(1)
     written: list[str] = []
-    real = rpiboot._write_file
+    real = rpi._write_file
 
     def cut(path: Path, content: Path | bytes) -> None:
         if len(written) == cut_after:
@@ -282,11 +285,11 @@ def test_power_cut_while_writing_the_try_partition(pi: Pi, cut_after: int,
         real(path, content)
         written.append(path.name)
 
-    monkeypatch.setattr(rpiboot, "_write_file", cut)
+    monkeypatch.setattr(rpi, "_write_file", cut)
     up.write_progress(pi.store.root, 2, up.INPROGRESS, "writing the try boot partition",
                       kind=up.KIND_REBOOT)  # fmt: skip
     with contextlib.suppress(SystemExit):
-        rpiboot.write_files(pi.disk / "p3", pi.files(2))
+        rpi.write_files(pi.disk / "p3", pi.files(2))
     monkeypatch.undo()
     assert len(written) == cut_after
     assert (rpiboot.CONFIG in written) == (cut_after == 5)  # config.txt comes back last
@@ -337,7 +340,7 @@ def test_write_boot_partition_on_a_real_fat_partition(pi: Pi, tmp_path: Path) ->
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
     try:
         try:
-            rpiboot.write_boot_partition(loop, pi.files(2), tmp_path / "mnt")
+            rpi.write_boot_partition(loop, pi.files(2), tmp_path / "mnt")
         except DeviceError as e:
             if "No such device" in str(e):
                 pytest.skip(f"no vfat in this kernel: {e}")

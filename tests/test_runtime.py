@@ -1,4 +1,4 @@
-"""pvpy.runtime helpers that need no container (containers run in test_sandbox.py)."""
+"""pvpy.device.runtime helpers that need no container (containers run in test_sandbox.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pvpy import _run
-from pvpy.runtime import Paths, Runtime, _remove_tree
+from pvpy.device.runtime import Paths, Runtime, _remove_tree
 
 
 def test_remove_tree_removes_everything_and_follows_no_symlink(tmp_path: Path) -> None:

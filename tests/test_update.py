@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pvpy import update as up
+from pvpy.device import update as up
 from pvpy.errors import (
     ManifestError,
     ObjectCorruptError,
@@ -144,7 +144,7 @@ root, rev, pub = map(Path, sys.argv[1:4])
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(root / "storage")], check=True)
 from pvpy.store import Storage
 from pvpy.signing import TrustStore
-from pvpy import update as up
+from pvpy.device import update as up
 from pvpy.errors import StoreError
 storage = Storage(root / "storage").ensure()
 small = storage.objects.put_bytes(b"the running revision")
@@ -266,7 +266,7 @@ def test_app_update_rollback_and_reboot_update(tmp_path: Path, sandbox: Any, sig
 
 
 def test_boot_counting_abandons_a_try_after_n_boots(tmp_path: Path) -> None:
-    from pvpy.bootenv import choose_boot, open_bootenv
+    from pvpy.device.bootenv import choose_boot, open_bootenv
 
     env = open_bootenv(f"file:{tmp_path / 'bootenv'}")
     env.write({"pv_rev": "3", "pv_try": "4"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from pvpy import bootvars
 from pvpy.errors import BootEnvError, StoreError
 from pvpy.store import write_atomic
 
@@ -18,6 +19,12 @@ class FileBootEnv:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
+    def try_reboot_argument(self) -> str | None:
+        return None  # a plain restart: the bootloader reads pv_try
+
+    def writes_try_partition(self) -> bool:
+        return False  # the bootloader loads kernel and initrd from the trail
+
     def read(self) -> dict[str, str]:
         try:
             text = self.path.read_text("utf-8")
@@ -25,12 +32,7 @@ class FileBootEnv:
             return {}
         except (OSError, UnicodeDecodeError) as e:
             raise BootEnvError(f"file: cannot read {self.path}: {e}") from e
-        values = {}
-        for line in text.splitlines():
-            key, sep, value = line.partition("=")
-            if sep and key.strip():
-                values[key.strip()] = value.strip()
-        return values
+        return bootvars.parse(text)
 
     def write(self, changes: Mapping[str, str | None]) -> None:
         values = self.read()
@@ -41,8 +43,7 @@ class FileBootEnv:
                 values.pop(key, None)
             else:
                 values[key] = value
-        text = "".join(f"{k}={v}\n" for k, v in sorted(values.items()))
         try:
-            write_atomic(self.path, text.encode())
+            write_atomic(self.path, bootvars.render(values).encode())
         except StoreError as e:
             raise BootEnvError(f"file: {e}") from e

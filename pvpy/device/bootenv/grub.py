@@ -110,6 +110,12 @@ class GrubEnv:
         self.path = Path(path)
         self.was_corrupt = False  # set by read(): the file is not an environment block
 
+    def try_reboot_argument(self) -> str | None:
+        return None  # a plain restart: the bootloader reads pv_try
+
+    def writes_try_partition(self) -> bool:
+        return False  # the bootloader loads kernel and initrd from the trail
+
     def _load(self) -> tuple[list[_Item], int] | None:
         """The block's lines and size; a fresh block if there is no file, None if corrupt."""
         try:

@@ -8,7 +8,7 @@ Two halves, in two processes:
   their hashes checked, and installs the trail atomically. Any refusal leaves
   the storage as it was (objects it added are removed) and is recorded as
   WONTGO (refused) or ERROR (failed) with a reason.
-- PID 1 then applies it (``pvpy.init``): an app-only change restarts just the
+- PID 1 then applies it (``pvpy.device.pid1``): an app-only change restarts just the
   changed containers; a BSP or host OS change sets ``pv_try`` and reboots.
   Either way the new revision is TESTING until every goal is met and the
   commit delay passed quietly; then it is committed, or rolled back.

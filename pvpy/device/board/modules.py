@@ -72,7 +72,7 @@ def load_listed(moddir: Path, skip: Iterable[str] = ()) -> list[str]:
     and skipped (the device may still boot without it). Raises DeviceError
     when there is no list.
     """
-    from pvpy import _linux
+    from pvpy.device import _linux
 
     try:
         listed = (moddir / LOAD_LIST).read_text().split()

@@ -1,4 +1,4 @@
-"""The workstation side of the device API (``pvpy.api``): push, status, logs.
+"""The workstation side of the device API (``pvpy.device.api``): push, status, logs.
 
 A device URL is ``http://HOST:PORT`` or ``https://HOST:PORT`` (TCP: a bearer
 token is needed; ``cacert`` pins the device certificate) or
@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
-from pvpy._http import http_connection
+from pvpy._http import Readable, http_connection
 from pvpy.errors import PvpyError, UsageError
 
 UNREACHABLE = "unreachable"
@@ -38,10 +38,6 @@ EXIT_BY_KIND = {"usage": 2, "trust": 3, "manifest": 4, "store": 5, "device": 10,
 EXIT_REFUSED = 3  # push: WONTGO or ERROR
 FINAL_GOOD = ("UPDATED", "DONE")
 FINAL_BAD = ("WONTGO", "ERROR")
-
-
-class Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 Body = bytes | Readable | None

@@ -23,13 +23,13 @@ __all__ = ["BootChoice", "BootEnv", "BootEnvError", "choose_boot", "open_bootenv
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
 if TYPE_CHECKING:
-    from pvpy.bootenv._protocol import BootEnv
+    from pvpy.device.bootenv._protocol import BootEnv
 
 
 def __getattr__(name: str) -> object:
     # BootEnv on demand: a Protocol needs typing, which PID 1 does without.
     if name == "BootEnv":
-        from pvpy.bootenv._protocol import BootEnv
+        from pvpy.device.bootenv._protocol import BootEnv
 
         return BootEnv
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -77,20 +77,20 @@ def open_bootenv(spec: str) -> BootEnv:
     if not where:
         raise BootEnvError(f"boot environment {spec!r}: expected KIND:PATH")
     if kind == "file":
-        from pvpy.bootenv.file import FileBootEnv
+        from pvpy.device.bootenv.file import FileBootEnv
 
         return FileBootEnv(Path(where))
     if kind == "uboot":
-        from pvpy.bootenv.uboot import UBootEnv
+        from pvpy.device.bootenv.uboot import UBootEnv
 
         first, _, second = where.partition(",")
         return UBootEnv(Path(first), redundant_path=Path(second) if second else None)
     if kind == "grub":
-        from pvpy.bootenv.grub import GrubEnv
+        from pvpy.device.bootenv.grub import GrubEnv
 
         return GrubEnv(Path(where))
     if kind == "rpi":
-        from pvpy.bootenv.rpi import RpiTryboot
+        from pvpy.device.bootenv.rpi import RpiTryboot
 
         return RpiTryboot(Path(where))
     raise BootEnvError(f"unknown boot environment kind {kind!r} (file, uboot, grub, rpi)")

@@ -1,7 +1,7 @@
-"""Pull mode: signed revisions as OCI artifacts in a registry (distribution-spec v2).
+"""Signed revisions as OCI artifacts in a registry (distribution-spec v2).
 
-``publish`` (workstation, ``pvpy state publish``) stores a signed revision
-directory in a registry; ``Puller`` (device, ``pvpy device pull``, a process of
+``pvpy.workstation.publish.publish`` (workstation, ``pvpy state publish``) stores a signed revision
+directory in a registry; ``pvpy.device.puller.Puller`` (device, ``pvpy device pull``, a process of
 its own, never PID 1) polls a tag and installs what is new, then asks PID 1 to
 apply it over the control socket — the same path as a push, fed from a registry.
 
@@ -52,32 +52,22 @@ import base64
 import hashlib
 import http.client
 import json
-import os
 import re
-import signal
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
-from pvpy import update as up
+from pvpy._http import Readable
 from pvpy.errors import (
-    DeviceError,
     ManifestError,
     ObjectMissingError,
-    PvpyError,
     RegistryError,
-    TrustError,
     UsageError,
 )
 from pvpy.log import get_logger
-from pvpy.remote import ProgressBar, Readable, _Counting, _size
-from pvpy.state.model import ObjectRef
-from pvpy.store import Storage
 
-log = get_logger("pull")
+log = get_logger("oci")
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 ARTIFACT_TYPE = "application/vnd.pvpy.revision.v1"
@@ -95,8 +85,6 @@ MAX_MANIFEST = 4 << 20  # distribution's own limit for a manifest
 MAX_SMALL_BLOB = 16 << 20  # state, signature, key set (trust.MAX_STATE)
 MAX_REDIRECTS = 5
 AUTH_FILE = Path("config") / "registry-auth"  # "user:password", mode 0600
-APPLY_TIMEOUT = 300.0  # PID 1 re-verifies (hashes) the revision before it answers
-FINAL_TIMEOUT = 3600.0  # longest wait for an applied revision's final record
 
 # distribution-spec: repository name components and tags
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
@@ -349,118 +337,6 @@ def _error_from(what: str, status: int, data: bytes) -> RegistryError:
     return RegistryError(f"{what}: {status} {reason}".rstrip(), status)
 
 
-# -- publish ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Blob:
-    role: str
-    media_type: str
-    digest: str
-    size: int
-    data: bytes | None = None  # small blobs in memory; objects are read from ``path``
-    path: Path | None = None
-
-    def descriptor(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest,
-                             "size": self.size, "annotations": {ROLE: self.role}}  # fmt: skip
-        return d
-
-
-@dataclass
-class PublishResult:
-    revision: int
-    digest: str
-    blobs: int
-    sent_blobs: int
-    sent_bytes: int
-    tags: list[str]
-
-
-def revision_blobs(signed_dir: Path) -> tuple[int, list[Blob]]:
-    """The blobs of a signed revision dir: state, signature, key set, objects.
-
-    The state is parsed (schema) but its signature is not checked here: the
-    device checks it (``pvpy state verify`` does, with the trusted keys).
-    Raises UsageError for an incomplete dir, ManifestError for a bad state.
-    """
-    from pvpy.state import parse_unverified
-    from pvpy.trust import read_revision_dir
-
-    state_bytes, sig_bytes, keyset = read_revision_dir(Path(signed_dir))
-    state = parse_unverified(state_bytes)
-    small = [("state", state_bytes), ("signature", sig_bytes)]
-    if keyset is not None:
-        small.append(("keyset", keyset))
-    blobs = [Blob(role, ROLES[role], digest_of(data), len(data), data) for role, data in small]
-    for name, ref in sorted(state.objects().items()):
-        path = Path(signed_dir) / "objects" / name
-        try:
-            size = path.stat().st_size
-        except OSError as e:
-            raise UsageError(f"{path}: {e.strerror} (not a complete revision dir)") from e
-        if size != ref.size:
-            raise UsageError(f"{path}: {size} bytes, the state says {ref.size}")
-        # the registry checks each object's digest as it takes it (PUT ?digest=)
-        blobs.append(Blob("object", OBJECT_TYPE, f"sha256:{name}", size, path=path))
-    return state.revision, blobs
-
-
-def make_manifest(revision: int, blobs: list[Blob]) -> bytes:
-    """Canonical JSON (sorted keys, no spaces): the same revision, the same digest."""
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_TYPE,
-        "artifactType": ARTIFACT_TYPE,
-        "config": {
-            "mediaType": EMPTY_TYPE,
-            "digest": digest_of(EMPTY),
-            "size": len(EMPTY),
-            "data": base64.b64encode(EMPTY).decode(),
-        },
-        "layers": [b.descriptor() for b in blobs],
-        "annotations": {REVISION: str(revision)},
-    }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-
-
-def publish(
-    registry: Registry, ref: Reference, signed_dir: Path, say: Callable[[str], None] = print
-) -> PublishResult:
-    """``pvpy state publish``: upload the blobs the registry lacks, then the manifest,
-    tagged ``ref.tag`` and the revision number. Raises RegistryError, UsageError."""
-    revision, blobs = revision_blobs(signed_dir)
-    repo = ref.repository
-    config = Blob("config", EMPTY_TYPE, digest_of(EMPTY), len(EMPTY), EMPTY)
-    every = [config, *blobs]
-    missing = [b for b in every if not registry.has_blob(repo, b.digest)]
-    total = sum(b.size for b in missing)
-    say(f"revision {revision}: {len(every)} blob(s), {len(missing)} missing ({_size(total)})")
-    bar = ProgressBar(total)
-    try:
-        for i, blob in enumerate(missing, 1):
-            if blob.data is not None:
-                registry.upload_blob(repo, blob.digest, blob.size, blob.data)
-                bar.add(blob.size)
-            else:
-                assert blob.path is not None
-                with open(blob.path, "rb") as f:
-                    registry.upload_blob(repo, blob.digest, blob.size, _Counting(f, bar.add))
-            bar.object_done(i, len(missing), blob.digest.removeprefix("sha256:"), blob.size)
-    finally:
-        bar.close()
-    manifest = make_manifest(revision, blobs)
-    tags = list(dict.fromkeys([ref.tag, str(revision)]))
-    for tag in tags:
-        registry.put_manifest(repo, tag, manifest)
-    digest = digest_of(manifest)
-    say(f"revision {revision}: sent {len(missing)} blob(s), {_size(bar.sent)}; "
-        f"{ref.registry}/{repo}@{digest} tagged {', '.join(tags)}")  # fmt: skip
-    return PublishResult(revision, digest, len(every), len(missing), bar.sent, tags)
-
-
-# -- pull -------------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class UnverifiedRevision:
@@ -510,201 +386,4 @@ def unverified_revision_number(state: bytes) -> int | None:
     revision = doc.get("revision") if isinstance(doc, dict) else None
     return revision if isinstance(revision, int) and not isinstance(revision, bool) else None
 
-
-@dataclass
-class Outcome:
-    """What one poll did; ``exit_code`` for ``--once``."""
-
-    what: str  # busy, unreachable, unchanged, nothing new, refused, failed, UPDATED, DONE, ERROR...
-    revision: int | None = None
-    reason: str = ""
-
-    @property
-    def exit_code(self) -> int:
-        if self.what in ("unchanged", "nothing new", up.UPDATED, up.DONE):
-            return 0
-        if self.what in ("refused", "failed", up.WONTGO, up.ERROR):
-            return 3
-        return 10  # busy, unreachable, still going
-
-    def __str__(self) -> str:
-        rev = f"revision {self.revision}: " if self.revision is not None else ""
-        return f"{rev}{self.what}{f' ({self.reason})' if self.reason else ''}"
-
-
-@dataclass
-class Puller:
-    """Poll a registry tag; install and apply what is new. One per storage."""
-
-    storage: Storage
-    run_dir: Path
-    registry: Registry
-    ref: Reference
-    retry_failed: float = 600.0
-    final_timeout: float = FINAL_TIMEOUT
-    # manifest digest -> monotonic time it may be looked at again (inf: never)
-    skip: dict[str, float] = field(default_factory=dict)
-    last: str = ""  # the last outcome logged
-
-    def control(self, request: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
-        from pvpy import control
-
-        reply = control.request(self.run_dir / "control.sock", request, timeout)
-        if not reply.get("ok"):
-            raise DeviceError(str(reply.get("error")))
-        return reply
-
-    def poll(self) -> Outcome:
-        """One round: device idle? → tag → manifest → state → verify → objects → apply.
-
-        Never raises a PvpyError: each failure is an Outcome (and a log line).
-        """
-        try:
-            status = self.control({"cmd": "status"})
-        except DeviceError as e:
-            return self._say(Outcome("unreachable", reason=f"PID 1: {e}"))
-        if status.get("updating") is not None or status.get("pending"):
-            busy = status.get("updating") or status.get("pending")
-            return self._say(Outcome("busy", reason=f"device busy ({busy})"))
-        try:
-            incoming = self.fetch_revision()
-        except RegistryError as e:
-            return self._say(Outcome("unreachable", reason=str(e)))
-        if isinstance(incoming, Outcome):
-            return self._say(incoming)
-        return self.take(incoming)
-
-    def fetch_revision(self) -> UnverifiedRevision | Outcome:
-        """The tag's state, signature and key set; or the Outcome "unchanged" (the tag
-        did not move since it was handled) or "nothing new". Raises RegistryError."""
-        repo = self.ref.repository
-        manifest, digest = self.registry.get_manifest(repo, self.ref.tag)
-        if time.monotonic() < self.skip.get(digest, 0.0):
-            return Outcome("unchanged")
-        try:
-            layers = parse_manifest_unverified(manifest)
-        except RegistryError:
-            self.skip[digest] = float("inf")
-            raise
-        state = self.registry.read_blob(repo, layers["state"]["digest"], MAX_SMALL_BLOB)
-        revision = unverified_revision_number(state)
-        highest = up.highest_revision(self.storage)
-        if revision is not None and revision <= highest:
-            # older or the same: not worth a look (and no WONTGO): the tag may lag
-            self.skip[digest] = float("inf")
-            return Outcome("nothing new", revision, f"the device had {highest}")
-        signature = self.registry.read_blob(repo, layers["signature"]["digest"], MAX_SMALL_BLOB)
-        keyset = None
-        if "keyset" in layers:
-            keyset = self.registry.read_blob(repo, layers["keyset"]["digest"], MAX_SMALL_BLOB)
-        return UnverifiedRevision(digest, state, signature, keyset)
-
-    def take(self, incoming: UnverifiedRevision) -> Outcome:
-        """Verify, install, apply, wait for the final record."""
-        from pvpy.sandbox import load_trust
-
-        digest = incoming.manifest_digest
-        try:
-            trust = load_trust(self.storage.root)
-            verified = up.verify_incoming(self.storage, incoming.state, incoming.signature,
-                                          incoming.keyset, trust)  # fmt: skip
-        except (TrustError, ManifestError) as e:
-            self.skip[digest] = float("inf")  # the same bytes are refused again: WONTGO once
-            return self._say(Outcome("refused", unverified_revision_number(incoming.state), str(e)))
-        except DeviceError as e:  # no trusted keys on this device
-            return self._say(Outcome("failed", reason=str(e)))
-        revision = verified.revision
-        log.info("installing", revision=revision, tag=str(self.ref), manifest=digest)
-        self.storage.clean_temp()
-
-        def fetch(ref: ObjectRef) -> BinaryIO:
-            try:
-                blob = self.registry.open_blob(self.ref.repository, f"sha256:{ref.sha256}")
-                return cast(BinaryIO, blob)  # read(), close(), a context manager
-            except RegistryError as e:
-                raise ObjectMissingError(f"object {ref.sha256}: {e}") from e
-
-        try:
-            up.install_verified(self.storage, verified, incoming.keyset, fetch)
-        except PvpyError as e:  # recorded by install_verified (WONTGO: retried later)
-            self.skip[digest] = time.monotonic() + self.retry_failed
-            return self._say(Outcome("failed", revision, str(e)))
-        return self.apply(revision, digest)
-
-    def apply(self, revision: int, digest: str) -> Outcome:
-        try:
-            reply = up.hand_to_pid1(self.storage, revision, self.control, APPLY_TIMEOUT)
-        except Exception as e:  # recorded WONTGO by hand_to_pid1; the number can come again
-            self.skip[digest] = time.monotonic() + self.retry_failed
-            return self._say(Outcome("failed", revision, f"not applied: {e}"))
-        log.info("update requested", revision=revision, accepted=reply.get("accepted"))
-        final = self.wait_final(revision)
-        self.skip[digest] = float("inf")  # whatever its end, this revision's number is used
-        if final is None:
-            return self._say(Outcome("still going", revision))
-        return self._say(Outcome(final.status, revision, final.reason))
-
-    def wait_final(self, revision: int) -> up.Progress | None:
-        deadline = time.monotonic() + self.final_timeout
-        while True:
-            p = up.read_progress(self.storage.root, revision)
-            if p is not None and p.status in up.FINAL:
-                return p
-            if time.monotonic() > deadline or BlobStream.stop_requested:
-                return None
-            time.sleep(0.5)
-
-    def _say(self, outcome: Outcome) -> Outcome:
-        """Log what changed: the same outcome poll after poll (registry down) once."""
-        quiet = outcome.what in ("busy", "unchanged") or str(outcome) == self.last
-        self.last = str(outcome)
-        (log.debug if quiet else log.warning if outcome.exit_code else log.info)(
-            "pull", tag=str(self.ref), outcome=outcome.what, revision=outcome.revision,
-            reason=outcome.reason or None,
-        )  # fmt: skip
-        return outcome
-
-
-def _lock(storage: Storage) -> int:
-    """One puller per storage: two would race to install the same revision."""
-    import fcntl
-
-    storage.ensure()
-    fd = os.open(storage.root / ".pull.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        raise DeviceError(f"{storage.root}: another `pvpy device pull` runs for it") from e
-    return fd
-
-
-def run(puller: Puller, interval: float, once: bool, say: Callable[[str], None]) -> int:
-    """``pvpy device pull``: poll every ``interval`` seconds (or once) until SIGTERM.
-
-    SIGTERM ends a download cleanly (its objects removed, WONTGO, tried again by
-    the next puller); an update PID 1 is applying is left to PID 1.
-    """
-    _lock(puller.storage)
-    BlobStream.stop_requested = False
-
-    def stop(signum: int, frame: object) -> None:
-        BlobStream.stop_requested = True
-
-    signal.signal(signal.SIGTERM, stop)
-    log.info("pulling", tag=str(puller.ref), interval=None if once else interval)
-    said = ""
-    while True:
-        outcome = puller.poll()
-        if once or (outcome.what != "unchanged" and str(outcome) != said):
-            said = str(outcome)
-            say(said)
-        if once:
-            return outcome.exit_code
-        deadline = time.monotonic() + interval
-        while time.monotonic() < deadline and not BlobStream.stop_requested:
-            time.sleep(min(0.2, interval))
-        if BlobStream.stop_requested:
-            log.info("pull stopped")
-            return 0
 

@@ -1,8 +1,7 @@
-"""Run the device on any Linux host: provisioning and the sandbox "bootloader".
+"""Run the device on any Linux host: the sandbox "firmware + bootloader".
 
-``provision`` installs a verified factory revision into an empty storage dir.
 ``run`` plays firmware + bootloader: it picks the revision from the file boot
-environment (``pvpy.bootenv.choose_boot``), then starts ``pvpy init`` as PID 1
+environment (``pvpy.device.bootenv.choose_boot``), then starts ``pvpy init`` as PID 1
 of new pid+mount+uts+ipc namespaces — the same init code a board runs. When
 that PID 1 calls reboot(2), the kernel kills it with SIGHUP (restart) or SIGINT
 (halt/power off) as seen from here, the parent: SIGHUP boots again, SIGINT ends
@@ -12,7 +11,6 @@ the sandbox. Ctrl-C asks PID 1 to power off in order (SIGUSR2).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -21,84 +19,16 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from pvpy import _linux
+from pvpy import paths
+from pvpy.device import _linux
+from pvpy.device.update import POWERCUT_EXIT
 from pvpy.errors import DeviceError, StoreError
 from pvpy.log import get_logger
 from pvpy.store import Storage
-from pvpy.update import POWERCUT_EXIT
 
 log = get_logger("sandbox")
 
-BOOTENV_FILE = "bootenv"
 REBOOT_PAUSE = 1.0
-TRUST_DIR = "trust"
-
-
-def bootenv_for(storage: Path) -> object:
-    from pvpy.bootenv.file import FileBootEnv
-
-    return FileBootEnv(Path(storage) / BOOTENV_FILE)
-
-
-def run_dir_for(storage: Path) -> Path:
-    """The sandbox's /run/pvpy: on the host's /run so host tools reach its sockets."""
-    digest = hashlib.sha256(str(Path(storage).resolve()).encode()).hexdigest()[:12]
-    return Path("/run/pvpy-sandbox") / digest
-
-
-def provision(storage_dir: Path, signed_dir: Path, trust_files: list[Path]) -> int:
-    """Install the factory revision: verify it, copy its objects, set pv_rev.
-
-    Refuses a storage that already holds a revision. Returns the revision.
-    """
-    from pvpy.bootenv.file import FileBootEnv
-    from pvpy.signing import TrustStore
-    from pvpy.trust import verify_revision_dir
-
-    storage = Storage(Path(storage_dir))
-    if storage.revisions():
-        raise DeviceError(f"{storage_dir} already holds revisions {storage.revisions()}")
-    trust = TrustStore.from_files(trust_files)
-    verified = verify_revision_dir(Path(signed_dir), trust)
-    storage.ensure()
-    src = Path(signed_dir) / "objects"
-    for ref in verified.state.objects().values():
-        storage.objects.put_file(src / ref.sha256, expected=ref.sha256)
-    trust_dir = storage.root / TRUST_DIR
-    trust_dir.mkdir(exist_ok=True)
-    for i, path in enumerate(trust_files):
-        shutil.copyfile(path, trust_dir / f"{i:02d}-{Path(path).name}")
-    storage.install_revision(verified.revision, verified.state_bytes, verified.signature_bytes)
-    FileBootEnv(storage.root / BOOTENV_FILE).write({"pv_rev": str(verified.revision)})
-    make_api_token(storage.root)
-    log.info("provisioned", revision=verified.revision, storage=str(storage_dir))
-    return verified.revision
-
-
-API_TOKEN_FILE = Path("config") / "api-token"
-
-
-def make_api_token(storage: Path) -> Path:
-    """The device's API bearer token (STORAGE/config/api-token, 0600), made once."""
-    import secrets
-
-    path = Path(storage) / API_TOKEN_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            # hex: a token must survive `--token TOKEN` (urlsafe ones may start with "-")
-            f.write(secrets.token_hex(24) + "\n")
-    return path
-
-
-def load_trust(storage: Path) -> object:
-    from pvpy.signing import TrustStore
-
-    files = sorted((Path(storage) / TRUST_DIR).glob("*"))
-    if not files:
-        raise DeviceError(f"{storage}: no trusted keys (run `pvpy device provision`)")
-    return TrustStore.from_files(files)
 
 
 def _wait(pid: int) -> int:
@@ -174,16 +104,16 @@ def run(
     storage_dir: Path, init_args: list[str], max_boots: int | None = None, max_tries: int = 1
 ) -> int:
     """Boot the sandboxed device until it powers off. Returns an exit code."""
-    from pvpy.bootenv import choose_boot
-    from pvpy.bootenv.file import FileBootEnv
+    from pvpy.device.bootenv import choose_boot
+    from pvpy.device.bootenv.file import FileBootEnv
 
     if os.geteuid() != 0:
         raise DeviceError("the sandbox needs root (namespaces, mounts, crun)")
     storage_dir = Path(storage_dir).resolve()
     if not Storage(storage_dir).revisions():
         raise StoreError(f"{storage_dir}: no revision installed (run `pvpy device provision`)")
-    env = FileBootEnv(storage_dir / BOOTENV_FILE)
-    run_dir = run_dir_for(storage_dir)
+    env = FileBootEnv(storage_dir / paths.BOOTENV)
+    run_dir = paths.sandbox_run_dir(storage_dir)
     # PID 1 compares this with its own before calling reboot(2): never the host's.
     os.environ["PVPY_HOST_PIDNS"] = os.readlink("/proc/self/ns/pid")
     boots = 0

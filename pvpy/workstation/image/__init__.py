@@ -48,19 +48,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pvpy import _run, rpiboot
+from pvpy import _run, paths, rpiboot
 from pvpy.errors import CommandError, ManifestError, UsageError
 from pvpy.log import get_logger
 
 log = get_logger("image")
 
-REPO = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parents[2]  # pvpy/, copied into the initramfs
+REPO = PACKAGE.parent
 BOARDS = REPO / "boards"
 FETCH_DEBS = REPO / "rootfs" / "fetch-debs"
 DEFAULT_SPEC = REPO / "examples" / "demo" / "spec.yaml"
 IMAGE_MANIFEST = "image.json"
 BOARD_FILE_IN_IMAGE = "etc/pvpy/board.json"
-API_TOKEN_FILE = "config/api-token"  # pvpy.api.TOKEN_FILE, under the storage root
 # Bump when the staging below changes in a way the cache key does not see.
 STAGE_VERSION = 1
 
@@ -132,7 +132,7 @@ class Board:
         return Path(self.get("bootloader", "binary"))
 
     def device_config(self) -> dict[str, Any]:
-        """What PID 1 reads in board mode (pvpy.board.BoardConfig)."""
+        """What PID 1 reads in board mode (pvpy.device.board.BoardConfig)."""
         config = {
             "name": self.name,
             "storage": self.doc.get("storage", "PARTLABEL=storage"),
@@ -292,7 +292,7 @@ def _initramfs_key(b: ImageBuild) -> str:
     h = hashlib.sha256(f"{STAGE_VERSION}\n".encode())
     h.update((b.apt / "debs.list").read_bytes())
     h.update((b.board.dir / "board.yaml").read_bytes())
-    src = Path(__file__).resolve().parent
+    src = PACKAGE
     for path in sorted(src.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
             h.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes())
@@ -361,7 +361,7 @@ def stage_initramfs(b: ImageBuild, out: Path) -> None:
     for entry in (full / DIST).glob("*-info"):  # importlib.metadata asks for versions
         if entry.name.split("-")[0].lower() in DIST_INFO_KEEP:
             copy(entry, f"{DIST}/{entry.name}")
-    shutil.copytree(Path(__file__).resolve().parent, out / DIST / "pvpy",
+    shutil.copytree(PACKAGE, out / DIST / "pvpy",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
 
     # crun, busybox (the applets pvpy and the board need: mount -o loop, ip, udhcpc).
@@ -376,8 +376,8 @@ def stage_initramfs(b: ImageBuild, out: Path) -> None:
     # call fails with "InternalError: Unknown OpenSSL error".
     copy(full / MULTIARCH / "ossl-modules/legacy.so", f"{MULTIARCH}/ossl-modules/legacy.so")
 
-    # Kernel modules in load order (pvpy.modules: no depmod, no kmod).
-    from pvpy.modules import LOAD_LIST, load_order
+    # Kernel modules in load order (pvpy.device.board.modules: no depmod, no kmod).
+    from pvpy.device.board.modules import LOAD_LIST, load_order
 
     moddir = b.kernel_root / "lib/modules" / b.kernel_version
     order = load_order(moddir, [str(m) for m in b.board.get("modules")])
@@ -393,7 +393,7 @@ def stage_initramfs(b: ImageBuild, out: Path) -> None:
     (out / "init").write_text(
         "#!/usr/bin/python3.11\n"
         '"""PID 1 of the initramfs (written by pvpy image build): pvpy init, board mode."""\n'
-        "from pvpy.init import main\n\n"
+        "from pvpy.device.pid1 import main\n\n"
         f"main({args!r})\n"
     )
     (out / "init").chmod(0o755)
@@ -502,9 +502,9 @@ def build_board_revision(
     import yaml
 
     from pvpy.signing import load_signing_key, sign_state
-    from pvpy.spec import build, load_spec
     from pvpy.state import canonical
     from pvpy.store import SIGNATURE_FILE, STATE_FILE, write_atomic
+    from pvpy.workstation.spec import build, load_spec
 
     if b.key is None:
         raise UsageError("no signing key for the revision (--key)")
@@ -590,7 +590,7 @@ def build_revision(b: ImageBuild) -> None:
 def provision_storage(b: ImageBuild) -> None:
     """pvpy's provisioning (verifies the revision, installs it with its boot.env),
     then what the board adds: the boot script, and a copy of the API token beside the image."""
-    from pvpy.sandbox import provision
+    from pvpy.provision import provision
 
     b.storage = b.work / "storage"
     shutil.rmtree(b.storage, ignore_errors=True)
@@ -600,7 +600,7 @@ def provision_storage(b: ImageBuild) -> None:
         _run.run(["mkimage", "-A", "arm64", "-T", "script", "-C", "none", "-n", "pvpy boot",
                   "-d", str(script), str(b.storage / "boot.scr")])  # fmt: skip
     # The token provisioning made, beside the image for `pvpy device push --token-file`.
-    token = (b.storage / API_TOKEN_FILE).read_bytes()
+    token = (b.storage / paths.API_TOKEN).read_bytes()
     fd = os.open(b.out / "api-token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(token)
@@ -879,14 +879,14 @@ def find_dtb(b: ImageBuild) -> None:
 
 def build_rpi_disk(b: ImageBuild) -> None:
     """MBR: config (autoboot.txt, pvpy.env), boot A and B, storage (see above)."""
-    from pvpy.bootenv.rpi import RpiTryboot
-
     layout = rpi_layout(b.board)
     config = b.work / "config"
     shutil.rmtree(config, ignore_errors=True)
     config.mkdir(parents=True)
-    # pv_rev=1 on partition A through the backend: pvpy.env, then autoboot.txt.
-    RpiTryboot(config, partitions=layout.boot).write({"pv_rev": str(b.revision)})
+    # The revision committed on boot partition A: pvpy.env and autoboot.txt as the
+    # device's rpi backend writes them.
+    for name, data in rpiboot.config_partition_files(b.revision, layout.boot).items():
+        (config / name).write_bytes(data)
     boot = rpi_boot_files(b.board, b.revision_dir, b.firmware_root)
     parts: list[tuple[int, str, Path]] = []
     for number, part in enumerate(b.board.get("partitions"), 1):

@@ -32,10 +32,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pvpy import _linux, _run
+from pvpy import _run
+from pvpy.device import _linux
+from pvpy.device.runtime import Runtime
 from pvpy.errors import PvpyError
 from pvpy.log import get_logger
-from pvpy.runtime import Runtime
 from pvpy.state.model import Container, State
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
@@ -597,6 +598,31 @@ class Supervisor:
         m.killed = False
         m.stop_deadline = self.clock() + m.spec.stop_timeout_ms / 1000
         self._signal(m, m.spec.stop_signal)
+
+    def restart(self, name: str) -> None:
+        """Stop ``name`` and start it again (PID 1's control server, ``pvpy device
+        restart``). Raises KeyError for a container this revision does not have."""
+        self.stop(name)
+        self.containers[name].restart_requested = True
+
+    def has(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.containers
+
+    def longest_stop_timeout(self) -> float:
+        """Seconds the slowest container may take to stop (PID 1's shutdown deadline)."""
+        return max((m.spec.stop_timeout_ms / 1000 for m in self.containers.values()), default=0.0)
+
+    def release(self, *, remove_cgroups: bool) -> None:
+        """After every container stopped: unmount their roots, close our fds, and
+        (``remove_cgroups``: in a sandbox, whose host keeps its cgroups) remove
+        our cgroups. Best effort, each step on its own: PID 1 is shutting down."""
+        for m in self.containers.values():
+            with contextlib.suppress(Exception):
+                self.runtime.cleanup(m.spec)
+        self.close_fds()
+        if remove_cgroups:
+            with contextlib.suppress(Exception):
+                self.runtime.remove_cgroups()
 
     def next_deadline(self) -> float | None:
         times: list[float] = []

@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, cast
 from urllib.parse import parse_qs, urlsplit
 
-from pvpy import update as up
+from pvpy.device import update as up
 from pvpy.errors import (
     BootEnvError,
     CommandError,
@@ -344,7 +344,7 @@ class Api:
         self.control = Control(self.run_dir)
 
     def trust(self) -> Any:
-        from pvpy.sandbox import load_trust
+        from pvpy.trust import load_trust
 
         return load_trust(self.storage.root)
 

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from pvpy.errors import ManifestError, SpecError
-from pvpy.pack import DEFAULT_COMPRESSION, pack_rootfs
 from pvpy.state import SPEC, State, canonical, json_path, validate
 from pvpy.store import SIGNATURE_FILE, STATE_FILE, ObjectStore, write_atomic
+from pvpy.workstation.pack import DEFAULT_COMPRESSION, pack_rootfs
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)

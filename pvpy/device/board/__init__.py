@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from pvpy import _linux
 from pvpy._record import Record
+from pvpy.device import _linux
 from pvpy.errors import CommandError, DeviceError
 from pvpy.log import get_logger
 
@@ -144,7 +144,7 @@ def leave_rootfs(scratch: str = "/newroot") -> None:
 
 
 def load_modules(config: BoardConfig) -> list[str]:
-    from pvpy.modules import load_listed
+    from pvpy.device.board.modules import load_listed
 
     start = time.monotonic()
     loaded = load_listed(Path("/lib/modules") / os.uname().release, config.modules_on_demand)
@@ -245,78 +245,3 @@ def wait_for(path: str, timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
-
-
-# -- Raspberry Pi tryboot -----------------------------------------------------------------
-
-RPI_CONFIG_DIR = "/run/pvpy-config"  # where PID 1 mounts the config partition (autoboot.txt)
-RPI_BOOT_DIR = "/run/pvpy-boot"  # where the update child mounts the try boot partition
-
-
-def open_rpi_bootenv(
-    config: BoardConfig, storage_device: str, mountpoint: str, dt_bootloader: Path | None = None,
-) -> Any:  # fmt: skip
-    """Mount the Pi's config partition (vfat, beside the storage on the same disk)
-    on ``mountpoint`` and return its boot environment (``pvpy.bootenv.rpi.RpiTryboot``).
-
-    ``storage_device`` may be a directory with ``p<N>`` directories beside it
-    standing in for the partitions (tests): nothing is mounted then, and
-    ``dt_bootloader`` stands in for the firmware's device-tree node.
-    Raises DeviceError.
-    """
-    from pvpy.bootenv.rpi import RpiTryboot
-    from pvpy.rpiboot import partition_device
-
-    number = int(config.rpi.get("config_partition", 1))
-    boot = tuple(int(p) for p in config.rpi.get("boot_partitions", (2, 3)))
-    device = partition_device(storage_device, number)
-    if device is None:
-        raise DeviceError(f"rpi: no partition {number} beside the storage {storage_device}")
-    where = device
-    if not os.path.isdir(device):
-        os.makedirs(mountpoint, exist_ok=True)
-        try:
-            _linux.mount(device, mountpoint, "vfat",
-                         _linux.MS_NOSUID | _linux.MS_NODEV | _linux.MS_NOEXEC)  # fmt: skip
-        except OSError as e:
-            raise DeviceError(f"rpi: config partition {device}: {e}") from e
-        where = mountpoint
-        log.info("config partition mounted", device=device, target=mountpoint)
-    if dt_bootloader is None:
-        return RpiTryboot(Path(where), partitions=(boot[0], boot[1]))
-    return RpiTryboot(Path(where), partitions=(boot[0], boot[1]), dt_bootloader=dt_bootloader)
-
-
-def rpi_boot_choice(env: Any, cmdline: BootArgs) -> tuple[BootArgs, str | None]:
-    """The tryboot choice (``RpiTryboot.choose``) as BootArgs, checked against the
-    booted partition's cmdline.txt (``pv_rev``: whose files the firmware loaded),
-    and why a failed try failed when the boot env knows. Raises BootEnvError.
-
-    A try whose partition holds another revision's files is not tested: it
-    fails, and the committed revision runs.
-    """
-    choice = env.choose()
-    revision, trying, failed, reason = choice.revision, choice.trying, choice.failed_try, \
-        choice.reason  # fmt: skip
-    booted = cmdline.revision
-    if booted is not None and booted != revision:
-        if trying:
-            committed = int(env.read()["pv_rev"])
-            reason = (f"the try boot partition holds revision {booted}'s boot files, "
-                      f"not {revision}'s")  # fmt: skip
-            log.error("try partition mismatch; running the committed revision",
-                      booted=booted, trying=revision)  # fmt: skip
-            revision, trying, failed = committed, False, choice.revision
-        else:
-            log.warning("the booted partition holds another revision's boot files",
-                        booted=booted, revision=revision)  # fmt: skip
-    return BootArgs(revision=revision, trying=trying, failed_try=failed,
-                    storage=cmdline.storage), reason  # fmt: skip
-
-
-def rpi_try_partition(config: BoardConfig, env: Any, storage_device: str) -> str | None:
-    """The device (or stand-in directory) of the boot partition a try goes to:
-    the one autoboot.txt's ``[tryboot]`` names, never the committed one."""
-    from pvpy.rpiboot import partition_device
-
-    return partition_device(storage_device, env.other(env.committed_partition()))

@@ -43,7 +43,7 @@ __all__ = ["Machine", "ensure_qemu", "qemu_argv"]
 
 def ensure_qemu() -> None:
     """Install qemu-system-arm when missing (apt-get). Raises CommandError."""
-    from pvpy.image import ensure_debian_packages
+    from pvpy.workstation.image import ensure_debian_packages
 
     ensure_debian_packages(HOST_PACKAGES)
 
@@ -73,14 +73,14 @@ def _rpi_direct_boot(image_dir: Path, m: dict[str, Any]) -> list[str]:
     partition ``autoboot.txt`` names in ``[all]`` (the committed one), copied to
     ``.qemu/`` of the image; the console word becomes virt's. No tryboot here:
     the firmware's one-shot flag has no QEMU counterpart."""
-    from pvpy.bootenv.rpi import AUTOBOOT, _autoboot_partition
+    from pvpy.rpiboot import AUTOBOOT, parse_autoboot_partition
 
     disk = image_dir / m["disk"]
     table = json.loads(_run.run(["sfdisk", "--json", str(disk)]).stdout)
     starts = [int(p["start"]) * 512 for p in table["partitiontable"]["partitions"]]
     parts, files, q = m["partitions"], m["boot_files"], m.get("qemu", {})
     autoboot = _fat_read(disk, starts[int(parts["config"]) - 1], AUTOBOOT).decode()
-    number = _autoboot_partition(autoboot) or int(parts["boot"][0])
+    number = parse_autoboot_partition(autoboot) or int(parts["boot"][0])
     boot = starts[number - 1]
     stage = image_dir / ".qemu"
     stage.mkdir(exist_ok=True)

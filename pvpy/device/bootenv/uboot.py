@@ -190,6 +190,12 @@ class UBootEnv:
         self.was_corrupt = False  # set by read()/write(): no copy had a good CRC
         self.active_copy: int | None = None  # index into places of the copy read
 
+    def try_reboot_argument(self) -> str | None:
+        return None  # a plain restart: the bootloader reads pv_try
+
+    def writes_try_partition(self) -> bool:
+        return False  # the bootloader loads kernel and initrd from the trail
+
     def fw_env_config(self) -> str:
         """The ``/etc/fw_env.config`` lines that make fw_printenv see this environment."""
         return "".join(f"{p.path} {p.offset:#x} {self.size:#x}\n" for p in self.places)

@@ -36,8 +36,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pvpy import _linux
-from pvpy.apply import Applier
+from pvpy.device import _linux
+from pvpy.device.apply import Applier
 from pvpy.log import configure, get_logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
@@ -276,7 +276,7 @@ class Init:
         bootloader passes it on the kernel command line (boards/*/boot.cmd).
         The watchdog is opened again: its driver is one of the modules.
         """
-        from pvpy import board
+        from pvpy.device import board
 
         config = board.load(Path(board_file))
         self.board_config = config
@@ -302,19 +302,19 @@ class Init:
         and the boot choice comes from it and the firmware's device-tree flag; the
         cmdline's pv_rev only checks it. When the config partition is unusable, the
         cmdline's choice and the storage's boot env stand (no try-boot updates then)."""
-        from pvpy import board
+        from pvpy.device.board import rpi
         from pvpy.errors import PvpyError
 
         try:
-            env = board.open_rpi_bootenv(config, self.storage_device or "", board.RPI_CONFIG_DIR)
+            env = rpi.open_rpi_bootenv(config, self.storage_device or "", rpi.RPI_CONFIG_DIR)
         except PvpyError as e:
             log.error("rpi config partition unusable; boot env stays in the storage",
                       error=str(e))  # fmt: skip
             return cmdline
-        self.mounted.append(board.RPI_CONFIG_DIR)
+        self.mounted.append(rpi.RPI_CONFIG_DIR)
         self.board_bootenv = env
         try:
-            choice, self.failed_try_reason = board.rpi_boot_choice(env, cmdline)
+            choice, self.failed_try_reason = rpi.rpi_boot_choice(env, cmdline)
         except PvpyError as e:
             log.error("rpi boot choice unreadable; booting the cmdline's", error=str(e))
             return cmdline
@@ -323,9 +323,9 @@ class Init:
     def start_write_boot(self, revision: int, done: Callable[[int, str | None], None]) -> None:
         """Write ``revision``'s boot files into the try boot partition, in a child
         (the copying and hashing stay out of PID 1; the loop keeps running)."""
-        from pvpy import board
+        from pvpy.device.board import rpi
 
-        target = board.rpi_try_partition(self.board_config, self.board_bootenv,
+        target = rpi.rpi_try_partition(self.board_config, self.board_bootenv,
                                          self.storage_device or "")  # fmt: skip
         if target is None:
             done(revision, "the try boot partition was not found")
@@ -439,11 +439,11 @@ class Init:
         self.start_verify(self.boot_candidates.pop(0), self.boot_verified)
 
     def boot_verified(self, revision: int, problem: str | None) -> None:
-        from pvpy.runtime import Paths, Runtime
+        from pvpy.device.runtime import Paths, Runtime
+        from pvpy.device.supervisor import Supervisor
         from pvpy.state import canonical
         from pvpy.state.model import State
         from pvpy.store import Storage
-        from pvpy.supervisor import Supervisor
 
         if problem is not None:
             log.error("revision refused", revision=revision, reason=problem)
@@ -462,7 +462,7 @@ class Init:
         self.supervisor.start()
 
     def open_bootenv(self) -> Any:
-        from pvpy.bootenv import open_bootenv
+        from pvpy.device.bootenv import open_bootenv
 
         if self.board_bootenv is not None and not self.args.bootenv:
             return self.board_bootenv
@@ -525,7 +525,7 @@ class Init:
         self._drop_client(conn)
 
     def status(self) -> dict[str, Any]:
-        from pvpy import update as up
+        from pvpy.device import update as up
 
         sup = self.supervisor.status() if self.supervisor else {
             "containers": [], "all_goals_met": False, "goals_missed": [], "group": None,
@@ -933,7 +933,7 @@ def main(argv: list[str]) -> NoReturn:
     for problem in problems:
         log.error("bad argument; going on without it", problem=problem)
     if args.board and not args.sandbox:
-        from pvpy.board import leave_rootfs
+        from pvpy.device.board import leave_rootfs
 
         try:
             leave_rootfs()  # before anything opens a path: crun's pivot_root needs it

@@ -31,18 +31,15 @@ We own autoboot.txt: other settings in it are not kept.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-from pvpy.bootenv import BootChoice
-from pvpy.bootenv.file import FileBootEnv
+from pvpy.device.bootenv import BootChoice
+from pvpy.device.bootenv.file import FileBootEnv
 from pvpy.errors import BootEnvError, StoreError
+from pvpy.rpiboot import AUTOBOOT, ENV_FILE, PARTITION, autoboot_text, parse_autoboot_partition
 from pvpy.store import write_atomic
 
-AUTOBOOT = "autoboot.txt"
-ENV_FILE = "pvpy.env"
-AUTOBOOT_MAX = 512  # the firmware reads no more of autoboot.txt
-PARTITION = "rpi_boot_partition"
 DT_BOOTLOADER = Path("/proc/device-tree/chosen/bootloader")
 TRYBOOT_ARGUMENT = "0 tryboot"  # reboot(2) argument: default partition, tryboot flag
 NOT_TRYBOOTED = (
@@ -50,25 +47,6 @@ NOT_TRYBOOTED = (
     "(reboot \"0 tryboot\" needs the Raspberry Pi kernel's firmware driver), "
     "or the power went before the reboot"
 )
-
-
-def autoboot_text(committed: int, trying: int) -> str:
-    text = f"[all]\ntryboot_a_b=1\nboot_partition={committed}\n[tryboot]\nboot_partition={trying}\n"
-    assert len(text.encode()) <= AUTOBOOT_MAX
-    return text
-
-
-def _autoboot_partition(text: str) -> int | None:
-    """The ``boot_partition`` of the ``[all]`` section, if any."""
-    section = "all"
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("[") and line.endswith("]"):
-            section = line[1:-1]
-        elif section == "all" and line.startswith("boot_partition="):
-            value = line.partition("=")[2].strip()
-            return int(value) if value.isdigit() else None
-    return None
 
 
 def _dt_int(path: Path) -> int | None:
@@ -85,8 +63,7 @@ class RpiTryboot:
 
     ``boot_dir`` is the mounted first FAT partition (where autoboot.txt is read),
     ``partitions`` the A/B pair, ``dt_bootloader`` the firmware's device-tree node
-    (``tryboot`` and ``partition`` properties; a parameter so tests can fake it),
-    ``reboot_cmd`` what ``reboot_try`` calls with ``"0 tryboot"``.
+    (``tryboot`` and ``partition`` properties; a parameter so tests can fake it).
     """
 
     name = "rpi"
@@ -94,7 +71,6 @@ class RpiTryboot:
     def __init__(
         self,
         boot_dir: Path,
-        reboot_cmd: Callable[[str], None] | None = None,
         *,
         partitions: tuple[int, int] = (2, 3),
         dt_bootloader: Path = DT_BOOTLOADER,
@@ -102,7 +78,6 @@ class RpiTryboot:
         if len(set(partitions)) != 2 or not all(1 <= p <= 4 for p in partitions):
             raise BootEnvError(f"rpi: need two MBR partitions 1-4, not {partitions}")
         self.boot_dir = Path(boot_dir)
-        self.reboot_cmd = reboot_cmd
         self.partitions = partitions
         self.dt_bootloader = Path(dt_bootloader)
         self._file = FileBootEnv(self.boot_dir / ENV_FILE)
@@ -122,7 +97,7 @@ class RpiTryboot:
         if stored.isdigit() and int(stored) in self.partitions:
             return int(stored)
         with contextlib.suppress(OSError, UnicodeDecodeError):
-            found = _autoboot_partition(self.autoboot_path.read_text("utf-8"))
+            found = parse_autoboot_partition(self.autoboot_path.read_text("utf-8"))
             if found is not None and found in self.partitions:
                 return found
         return self.partitions[0]
@@ -159,14 +134,12 @@ class RpiTryboot:
         return BootChoice(revision=int(rev), trying=False, failed_try=int(pending),
                           reason=NOT_TRYBOOTED)  # fmt: skip
 
-    def tryboot_reboot_argument(self) -> str:
+    def try_reboot_argument(self) -> str | None:
         """The reboot(2) argument that boots the try partition once."""
         return TRYBOOT_ARGUMENT
 
-    def reboot_try(self) -> None:
-        if self.reboot_cmd is None:
-            raise BootEnvError("rpi: no reboot command to reboot into the try partition")
-        self.reboot_cmd(self.tryboot_reboot_argument())
+    def writes_try_partition(self) -> bool:
+        return True  # the firmware boots kernel and initrd from the try boot partition
 
     def read(self) -> dict[str, str]:
         values = self._read()

@@ -1,6 +1,6 @@
 """PID 1's half of an update: apply, test, commit or roll back; GC after.
 
-The staging half (signature, objects, trail) runs elsewhere (``pvpy.update``);
+The staging half (signature, objects, trail) runs elsewhere (``pvpy.device.update``);
 PID 1 receives "apply revision N" on its control socket and drives it from
 its loop: verify N in a child, classify against what runs, then either
 switch the changed containers (app-only) or write ``pv_try`` and reboot;
@@ -20,7 +20,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy
 if TYPE_CHECKING:
     from typing import Any
 
-    from pvpy.init import Init
+    from pvpy.device.pid1 import Init
 
 log = get_logger("apply")
 
@@ -49,7 +49,7 @@ class Applier:
     @property
     def trying(self) -> bool:
         """A try-boot revision is under test."""
-        from pvpy.update import KIND_REBOOT
+        from pvpy.device.update import KIND_REBOOT
 
         u = self.update
         return u is not None and u.kind == KIND_REBOOT and u.phase == "testing"
@@ -62,7 +62,7 @@ class Applier:
         left unfinished is DONE/UPDATED; anything else left half-way was
         interrupted: ERROR. A try we are booting now goes to TESTING.
         """
-        from pvpy import update as up
+        from pvpy.device import update as up
 
         env = self.init.bootenv.read()
         committed = int(env["pv_rev"]) if env.get("pv_rev", "").isdigit() else None
@@ -118,7 +118,7 @@ class Applier:
             return {"ok": False, "error": "device is not running a revision"}
         if not Storage(self.init.storage).has_revision(revision):
             return {"ok": False, "error": f"revision {revision} is not installed"}
-        from pvpy import update as up
+        from pvpy.device import update as up
 
         # a fresh record: a rollback re-applies a revision whose old record is final
         up.write_progress(self.init.storage, revision, up.INPROGRESS, "verifying before applying")
@@ -128,7 +128,7 @@ class Applier:
 
     def verified(self, revision: int, problem: str | None) -> None:
         """The installed revision verified (or not): restart what changed, or try-boot."""
-        from pvpy import update as up
+        from pvpy.device import update as up
         from pvpy.state import canonical
         from pvpy.state.model import State
         from pvpy.store import Storage
@@ -144,7 +144,7 @@ class Applier:
         new_state = State.from_dict(canonical.decode(state_bytes))
         change = up.classify(self.init.supervisor.state, new_state)
         if change.kind == up.KIND_REBOOT:
-            if getattr(self.init.bootenv, "name", "") == "rpi":
+            if self.init.bootenv.writes_try_partition():
                 # The Pi's firmware boots files, not the storage: they go to the try
                 # boot partition first (a child does it), pv_try only after that.
                 up.write_progress(self.init.storage, revision, up.INPROGRESS,
@@ -164,7 +164,7 @@ class Applier:
 
     def boot_written(self, revision: int, problem: str | None) -> None:
         """The try boot partition is written (or not): set pv_try and try-boot."""
-        from pvpy import update as up
+        from pvpy.device import update as up
 
         self.update = None
         if problem is not None:
@@ -181,19 +181,18 @@ class Applier:
     def try_boot(self, revision: int, why: str) -> None:
         """pv_try in one boot-env write, then reboot — with the boot env's reboot
         argument when it has one (the Pi's "0 tryboot")."""
-        from pvpy import update as up
+        from pvpy.device import update as up
 
         up.write_progress(self.init.storage, revision, up.INPROGRESS,
                           f"{why}: rebooting into it", kind=up.KIND_REBOOT)  # fmt: skip
         self.init.bootenv.write({"pv_try": str(revision), "pv_trying": None, "pv_bootcount": "0"})
         up.persist_point("reboot:try")
-        argument = getattr(self.init.bootenv, "tryboot_reboot_argument", None)
-        self.init.request("reboot", f"update to revision {revision}",
-                          argument() if argument is not None else None)  # fmt: skip
+        argument = self.init.bootenv.try_reboot_argument()
+        self.init.request("reboot", f"update to revision {revision}", argument)
 
     def check(self, now: float) -> None:
         """Drive the update under way: switching -> testing -> commit or roll back."""
-        from pvpy import update as up
+        from pvpy.device import update as up
 
         u, sup = self.update, self.init.supervisor
         if u is None or sup is None or self.init.pending is not None:
@@ -241,7 +240,7 @@ class Applier:
 
         (A revision that came by update is judged while TESTING instead.)
         """
-        from pvpy import update as up
+        from pvpy.device import update as up
 
         sup = self.init.supervisor
         if self.health_reported or sup is None or self.update is not None or self.init.pending:
@@ -260,7 +259,7 @@ class Applier:
             )  # fmt: skip
 
     def commit(self, u: UpdateRun) -> None:
-        from pvpy import update as up
+        from pvpy.device import update as up
 
         if u.kind == up.KIND_APP:
             self.init.bootenv.write({"pv_rev": str(u.revision)})
@@ -280,7 +279,7 @@ class Applier:
         self.collect_garbage()
 
     def fail(self, u: UpdateRun, reason: str) -> None:
-        from pvpy import update as up
+        from pvpy.device import update as up
 
         log.error("update failed; rolling back", revision=u.revision, reason=reason)
         up.write_progress(self.init.storage, u.revision, up.ERROR, f"rolled back: {reason}",
@@ -301,7 +300,7 @@ class Applier:
 
     def rollback(self) -> dict[str, Any]:
         """Go back to the newest good revision older than the running one."""
-        from pvpy import update as up
+        from pvpy.device import update as up
         from pvpy.store import Storage
 
         if self.init.revision is None:
@@ -314,7 +313,7 @@ class Applier:
 
     def pinned(self) -> set[int]:
         """Revisions GC must keep: last good, try, running, and the good one before."""
-        from pvpy import update as up
+        from pvpy.device import update as up
         from pvpy.store import Storage
 
         env = self.init.bootenv.read() if self.init.bootenv else {}
@@ -327,7 +326,7 @@ class Applier:
         return pins
 
     def collect_garbage(self) -> None:
-        from pvpy import update as up
+        from pvpy.device import update as up
         from pvpy.store import Storage
 
         try:

@@ -29,8 +29,9 @@ import json
 import os
 from pathlib import Path
 
-from pvpy import _linux, _run
+from pvpy import _run
 from pvpy._record import Record
+from pvpy.device import _linux
 from pvpy.errors import CommandError, ContainerError
 from pvpy.log import get_logger
 from pvpy.state.model import Container, Volume

@@ -1,0 +1,1 @@
+"""What only a device runs: PID 1, the supervisor, containers, updates, the API."""

@@ -1,0 +1,1 @@
+"""What only a developer's machine runs: specs, images, QEMU, pushing and publishing."""

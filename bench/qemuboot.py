@@ -39,22 +39,24 @@ def _shell_initramfs(busybox: Path, out: Path) -> Path:
         (root / "bin").mkdir()
         shutil.copy2(busybox, root / "bin" / "busybox")
         (root / "init").write_text(
-            "#!/bin/busybox sh\n"
-            f"/bin/busybox echo '{SHELL_MARK}'\n"
-            "/bin/busybox poweroff -f\n"
+            f"#!/bin/busybox sh\n/bin/busybox echo '{SHELL_MARK}'\n/bin/busybox poweroff -f\n"
         )
         (root / "init").chmod(0o755)
         names = "init\nbin\nbin/busybox\n"
         data = subprocess.run(
             ["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"],
-            cwd=root, input=names.encode(), capture_output=True, check=True,
+            cwd=root,
+            input=names.encode(),
+            capture_output=True,
+            check=True,
         ).stdout
     out.write_bytes(data)
     return out
 
 
 def _direct_argv(argv: list[str], kernel: Path, initrd: Path, cmdline: str) -> list[str]:
-    """``argv`` (pvpy.workstation.qemu's for the image) with QEMU loading the kernel instead of U-Boot."""
+    """``argv`` (pvpy.workstation.qemu's for the image) with QEMU loading the kernel
+    instead of U-Boot."""
     out: list[str] = []
     skip = 0
     for i, word in enumerate(argv):

@@ -684,9 +684,9 @@ def qemu_boot_section(r: dict[str, Any]) -> list[str]:
         f"*How:* `qemu-system-aarch64 -M virt -cpu cortex-a72 -m 512` (TCG, no KVM), "
         f"{q['reps']} boots each of the factory image of `pvpy image build --board "
         f"qemu-arm64` ({q['kernel_package']}), each from the pristine disk; seconds since "
-        "QEMU started, from the stamps `pvpy.workstation.qemu.Machine` puts on console lines: PID 1's "
-        "first JSON log line, its `booting revision` event (the revision verified in a "
-        "child), the demo's last goal (web READY). U-Boot reached `booti` at "
+        "QEMU started, from the stamps `pvpy.workstation.qemu.Machine` puts on console "
+        "lines: PID 1's first JSON log line, its `booting revision` event (the revision "
+        "verified in a child), the demo's last goal (web READY). U-Boot reached `booti` at "
         f"{cell('uboot', 'booti')} s. pvpy's initramfs is {q['initrd_bytes'] / 2**20:.0f} "
         f"MiB uncompressed (python, pvpy, crun, modules), the shell one "
         f"{q['shell_initrd_bytes'] / 2**20:.1f} MiB. Emulated ARM hashes slowly: boot "
@@ -699,4 +699,3 @@ def qemu_boot_section(r: dict[str, Any]) -> list[str]:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -28,8 +28,8 @@ TRYING = "pv_trying"
 BOOTCOUNT = "pv_bootcount"
 
 
-def _revision(value: str | None) -> int | None:
-    """A revision number, or None for anything else (ASCII digits only)."""
+def parse_revision(value: str | None) -> int | None:
+    """A revision number (or a count), or None for anything else (ASCII digits only)."""
     return int(value) if value is not None and value.isascii() and value.isdigit() else None
 
 
@@ -44,10 +44,10 @@ class BootVars(Record):
     @classmethod
     def parse(cls, values: Mapping[str, str]) -> BootVars:
         return cls(
-            rev=_revision(values.get(REV)),
-            try_rev=_revision(values.get(TRY)),
-            trying=_revision(values.get(TRYING)),
-            bootcount=_revision(values.get(BOOTCOUNT)) or 0,
+            rev=parse_revision(values.get(REV)),
+            try_rev=parse_revision(values.get(TRY)),
+            trying=parse_revision(values.get(TRYING)),
+            bootcount=parse_revision(values.get(BOOTCOUNT)) or 0,
         )
 
     @property

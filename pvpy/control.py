@@ -1,7 +1,8 @@
 """Client of PID 1's control socket: one JSON line out, one JSON line back.
 
-Used by the CLI, the API server and the tests; the server side is
-``pvpy.device.pid1.Init.handle``. Local and root only (the socket is mode 0600).
+Used by the CLI, the API server, the puller and the tests; the server side is
+PID 1's control handler (``pvpy.device.pid1``). Local and root only (the socket
+is mode 0600, ``paths.CONTROL_SOCKET`` in the run directory).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from pvpy.errors import DeviceError
+from pvpy.errors import DeviceError, one_line
 
 MAX_REPLY = 16 * 1024 * 1024
 
@@ -42,3 +43,18 @@ def request(sock_path: Path, message: dict[str, Any], timeout: float = 10) -> di
     if not isinstance(reply, dict):
         raise DeviceError(f"bad reply from {sock_path}")
     return reply
+
+
+def check_reply(reply: dict[str, Any]) -> dict[str, Any]:
+    """``reply`` when PID 1 said ok. Raises DeviceError with PID 1's reason (one line)."""
+    if not reply.get("ok"):
+        raise DeviceError(one_line(str(reply.get("error"))))
+    return reply
+
+
+def call(sock_path: Path, message: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
+    """Send ``message``, return PID 1's reply when it says ok.
+
+    Raises DeviceError when nothing answers, or PID 1 refuses (its reason, one line).
+    """
+    return check_reply(request(sock_path, message, timeout))

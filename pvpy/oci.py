@@ -27,7 +27,7 @@ serves artifactType and the empty config untouched), so no image-manifest
 fallback is needed.
 
 Trust: nothing the registry says is believed. The manifest only says where the
-state, its signature and key set are; those go through ``update.verify_incoming``
+state, its signature and key set are; those go through ``pvpy.device.update.verify_incoming``
 (signature, schema, anti-rollback) before any object is fetched, and objects are
 then fetched by the names in the *verified* state — never by the manifest's
 layers — each hashed while it streams into the store (``put_stream(expected=)``)
@@ -39,7 +39,7 @@ nothing. A manifest that failed is not tried again by this process (refused:
 never; a download or corruption failure: after ``retry_failed`` seconds), so a
 refused revision is recorded WONTGO once, not on every poll. A failed download
 is recorded WONTGO, never ERROR: WONTGO does not use up the revision number
-(``update.highest_revision``), so the next attempt may install it.
+(``pvpy.device.update.highest_revision``), so the next attempt may install it.
 
 Errors: ``RegistryError`` (a PvpyError, exit 11) when the registry cannot be
 reached or answers with an error; the revision's own faults are the usual
@@ -64,6 +64,7 @@ from pvpy.errors import (
     ObjectMissingError,
     RegistryError,
     UsageError,
+    one_line,
 )
 from pvpy.log import get_logger
 
@@ -84,7 +85,6 @@ ROLES = {"state": STATE_TYPE, "signature": SIGNATURE_TYPE, "keyset": KEYSET_TYPE
 MAX_MANIFEST = 4 << 20  # distribution's own limit for a manifest
 MAX_SMALL_BLOB = 16 << 20  # state, signature, key set (trust.MAX_STATE)
 MAX_REDIRECTS = 5
-AUTH_FILE = Path("config") / "registry-auth"  # "user:password", mode 0600
 
 # distribution-spec: repository name components and tags
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
@@ -331,11 +331,11 @@ def _error_from(what: str, status: int, data: bytes) -> RegistryError:
         first = json.loads(data)["errors"][0]
         reason = f"{first['code']}: {first.get('message', '')}".strip().rstrip(":")
     except (ValueError, KeyError, IndexError, TypeError):
-        reason = data.decode(errors="replace").strip().splitlines()[0][:200] if data.strip() else ""
+        text = data.decode(errors="replace").strip()
+        reason = one_line(text.splitlines()[0], 200) if text else ""
     if status == 401:
         reason = reason or "authentication required"
     return RegistryError(f"{what}: {status} {reason}".rstrip(), status)
-
 
 
 @dataclass(frozen=True)
@@ -385,5 +385,3 @@ def unverified_revision_number(state: bytes) -> int | None:
         return None
     revision = doc.get("revision") if isinstance(doc, dict) else None
     return revision if isinstance(revision, int) and not isinstance(revision, bool) else None
-
-

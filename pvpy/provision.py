@@ -34,7 +34,7 @@ def provision(storage_dir: Path, signed_dir: Path, trust_files: list[Path]) -> i
     trust = TrustStore.from_files(trust_files)
     verified = verify_revision_dir(Path(signed_dir), trust)
     storage.ensure()
-    src = Path(signed_dir) / "objects"
+    src = Path(signed_dir) / paths.OBJECTS
     for ref in verified.state.objects().values():
         storage.objects.put_file(src / ref.sha256, expected=ref.sha256)
     trust_dir = storage.root / paths.TRUST
@@ -44,7 +44,7 @@ def provision(storage_dir: Path, signed_dir: Path, trust_files: list[Path]) -> i
     storage.install_revision(verified.revision, verified.state_bytes, verified.signature_bytes)
     # The sandbox's boot variables (the file backend's format); a board image
     # writes its bootloader's own besides.
-    first = bootvars.render({"pv_rev": str(verified.revision)})
+    first = bootvars.render({bootvars.REV: str(verified.revision)})
     write_atomic(storage.root / paths.BOOTENV, first.encode())
     make_api_token(storage.root)
     log.info("provisioned", revision=verified.revision, storage=str(storage_dir))

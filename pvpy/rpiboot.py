@@ -60,7 +60,7 @@ def config_partition_files(revision: int, partitions: tuple[int, int]) -> dict[s
     """A new image's config partition: ``revision`` committed on the first boot
     partition (what the ``rpi`` backend writes for ``pv_rev``: pvpy.env, autoboot.txt)."""
     committed, other = partitions
-    env = {"pv_rev": str(revision), PARTITION: str(committed)}
+    env = {bootvars.REV: str(revision), PARTITION: str(committed)}
     return {
         ENV_FILE: bootvars.render(env).encode(),
         AUTOBOOT: autoboot_text(committed, other).encode(),
@@ -109,5 +109,3 @@ def boot_files(
     files[CONFIG] = config_txt(settings, revision, dtb).encode()
     files[CMDLINE] = cmdline_txt(console, str(bsp.get("cmdline", "")), revision).encode()
     return files
-
-

@@ -255,8 +255,7 @@ class TrustStore:
         if len(good) < self.threshold:
             if not good and unknown:
                 raise UntrustedKeyError(
-                    f"{what}: signed only by untrusted key(s) "
-                    + ", ".join(k[:16] for k in unknown)
+                    f"{what}: signed only by untrusted key(s) " + ", ".join(k[:16] for k in unknown)
                 )
             raise UntrustedKeyError(
                 f"{what}: {len(good)} trusted signature(s), {self.threshold} needed"
@@ -371,9 +370,14 @@ def parse_envelope_unverified(data: bytes) -> list[tuple[str, bytes]]:
         raise SignatureError(f"state.sig.json: {e.reason}") from e
     if canonical.encode(doc) != data:
         raise SignatureError("state.sig.json: not canonical JSON")
-    if not isinstance(doc, dict) or doc.get("#spec") != SIGNATURE_SPEC or set(doc) != {
-        "#spec",
-        "signatures",
-    }:
+    if (
+        not isinstance(doc, dict)
+        or doc.get("#spec") != SIGNATURE_SPEC
+        or set(doc)
+        != {
+            "#spec",
+            "signatures",
+        }
+    ):
         raise SignatureError(f"state.sig.json: not a {SIGNATURE_SPEC} envelope")
     return _parse_signatures(doc["signatures"], "state.sig.json")

@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from pvpy import paths
 from pvpy._record import Record
 from pvpy.errors import (
     ObjectCorruptError,
@@ -32,6 +33,11 @@ from pvpy.errors import (
     ObjectNameError,
     StoreError,
 )
+
+# Named once, in pvpy.paths; re-exported for the callers that already read them here
+# (`from pvpy.store import STATE_FILE`).
+from pvpy.paths import SIGNATURE_FILE as SIGNATURE_FILE
+from pvpy.paths import STATE_FILE as STATE_FILE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
 if TYPE_CHECKING:
@@ -57,6 +63,8 @@ def _sha256() -> Any:  # hashlib's type, imported lazily
     import hashlib
 
     return hashlib.sha256()
+
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 Progress = Callable[[int], None]
@@ -298,17 +306,13 @@ def referenced_objects(doc: Any) -> set[str]:
     return found
 
 
-STATE_FILE = "state.json"
-SIGNATURE_FILE = "state.sig.json"
-
-
 class GcResult(Record):
     removed_objects: list[str]
     removed_revisions: list[int]
     freed_bytes: int
 
 
-BOOT_ENV_FILE = "boot.env"
+BOOT_ENV_FILE = paths.TRAIL_BOOT_ENV
 
 
 def boot_env(state: bytes) -> bytes | None:
@@ -337,8 +341,8 @@ class Storage:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.objects = ObjectStore(self.root / "objects")
-        self.trails = self.root / "trails"
+        self.objects = ObjectStore(self.root / paths.OBJECTS)
+        self.trails = self.root / paths.TRAILS
 
     def ensure(self) -> Storage:
         self.objects.ensure()

@@ -37,12 +37,15 @@ from pvpy.errors import (
     SignatureError,
     StoreError,
 )
+
+# KEYSET_FILE is named once, in pvpy.paths; re-exported for `from pvpy.trust import KEYSET_FILE`.
+from pvpy.paths import KEYSET_FILE as KEYSET_FILE
+from pvpy.paths import SIGNATURE_FILE, STATE_FILE
 from pvpy.signing import DOMAIN_STATE, TrustStore, parse_envelope_unverified
 from pvpy.state import State, canonical, validate
-from pvpy.store import SIGNATURE_FILE, STATE_FILE, ObjectStore
+from pvpy.store import ObjectStore
 
 MAX_STATE = 16 * 1024 * 1024
-KEYSET_FILE = "keys.json"
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def verify_revision_dir(
         state,
         signature,
         trust,
-        objects=ObjectStore(Path(path) / "objects") if check_objects else None,
+        objects=ObjectStore(Path(path) / paths.OBJECTS) if check_objects else None,
         current_revision=current_revision,
         now=now,
         keyset_bytes=keyset,

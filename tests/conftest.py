@@ -99,8 +99,16 @@ def sandbox(tmp_path: Path, demo_trees: Path, signing_dir: Path) -> Any:
         trust: Path | None = None,
     ) -> SandboxDevice:
         storage = tmp_path / name
-        pvpy("device", "provision", "--storage", storage, "--state", revision_dir,
-             "--trust", trust or signing_dir / "pvpy.pub")
+        pvpy(
+            "device",
+            "provision",
+            "--storage",
+            storage,
+            "--state",
+            revision_dir,
+            "--trust",
+            trust or signing_dir / "pvpy.pub",
+        )
         device = SandboxDevice(storage, tmp_path / f"{name}.log")
         made.append(device)
         return device.start(*extra, env=env)

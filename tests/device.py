@@ -198,9 +198,13 @@ class SandboxDevice:
             self.proc.kill()
             self.proc.wait(10)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and subprocess.run(
-            ["pgrep", "-f", f"--storage {self.storage} "], capture_output=True
-        ).returncode == 0:
+        while (
+            time.monotonic() < deadline
+            and subprocess.run(
+                ["pgrep", "-f", f"--storage {self.storage} "], capture_output=True
+            ).returncode
+            == 0
+        ):
             time.sleep(0.1)
         self.cleanup()
 

@@ -28,13 +28,19 @@ import pytest
 
 from pvpy.device import api
 from pvpy.errors import (
+    ApiError,
+    CommandError,
+    DeviceError,
     ManifestError,
     ObjectCorruptError,
     ObjectNameError,
+    RemoteError,
     RollbackError,
     SignatureError,
     StoreError,
     UsageError,
+    exit_code,
+    http_status,
 )
 from pvpy.workstation.remote import Device
 from tests.device import (
@@ -110,7 +116,9 @@ def wait_api(client: Client, timeout: float = 30) -> None:
 
 
 @contextlib.contextmanager
-def api_process(storage: Path, run_dir: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+def api_process(
+    storage: Path, run_dir: Path, port: int, *extra: str
+) -> Iterator[subprocess.Popen[bytes]]:
     """`pvpy device api` run by the test (not by PID 1), SIGTERM at the end."""
     log = open(storage.parent / f"api-{port}.log", "ab")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
@@ -150,13 +158,29 @@ def sha(data: bytes) -> str:
 
 
 def test_errors_map_to_statuses_in_one_place() -> None:
-    assert api.http_status(ObjectNameError("x")) == (400, "store")
-    assert api.http_status(ObjectCorruptError("x")) == (422, "store")
-    assert api.http_status(RollbackError("x")) == (409, "trust")
-    assert api.http_status(SignatureError("x")) == (403, "trust")
-    assert api.http_status(ManifestError("x")) == (422, "manifest")
-    assert api.http_status(StoreError("x")) == (500, "store")
-    assert api.http_status(UsageError("x")) == (400, "usage")
+    assert http_status(ObjectNameError("x")) == (400, "store")
+    assert http_status(ObjectCorruptError("x")) == (422, "store")
+    assert http_status(RollbackError("x")) == (409, "trust")
+    assert http_status(SignatureError("x")) == (403, "trust")
+    assert http_status(ManifestError("x")) == (422, "manifest")
+    assert http_status(StoreError("x")) == (500, "store")
+    assert http_status(UsageError("x")) == (400, "usage")
+    assert http_status(ApiError(401, "no", kind="auth")) == (401, "auth")
+    assert http_status(KeyError("bug")) == (500, "internal")
+
+
+def test_a_device_refusal_exits_as_the_same_refusal_would_locally() -> None:
+    """The client maps the API's kind back through the same table (errors.ERRORS)."""
+    for local, status in ((StoreError("x"), 500), (RollbackError("x"), 409),
+                          (ManifestError("x"), 422), (UsageError("x"), 400),
+                          (DeviceError("x"), 409)):  # fmt: skip
+        kind = http_status(local)[1]
+        assert RemoteError("x", status, kind).exit_code == local.exit_code
+    assert CommandError(["crun"], 1).exit_code == 7 and exit_code(KeyError("bug")) == 70
+    assert RemoteError("no answer").exit_code == 10  # unreachable: the device's doing
+    assert RemoteError("x", 401, "auth").exit_code == 10
+    assert RemoteError("x", 400, "http").exit_code == 1
+    assert RemoteError("refused", 422, "store", refused=True).exit_code == 3
 
 
 def test_posted_files_as_text_or_base64() -> None:
@@ -168,7 +192,7 @@ def test_posted_files_as_text_or_base64() -> None:
                         ({"state": "\ud800", "signature": "y"}, 400),
                         ({"state": {"base64": "!!"}, "signature": "y"}, 400),
                         ({"state": "x" * 101, "signature": "y"}, 413)):  # fmt: skip
-        with pytest.raises(api.ApiError) as e:
+        with pytest.raises(ApiError) as e:
             api.parse_revision_body(bad, 100)
         assert e.value.status == status
 
@@ -215,7 +239,9 @@ def test_uploads_and_tokens_without_pid1(tmp_path: Path) -> None:
         assert raw_exchange(port, token, f"PUT /v1/objects/{sha(b'y')} HTTP/1.1\r\n"
                             "Host: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\ny\r\n0\r\n\r\n"
                             ).startswith(b"HTTP/1.1 411")  # fmt: skip
-        status, doc = client.json("POST", "/v1/objects/missing", {"objects": [sha(good), sha(b"z")]})
+        status, doc = client.json(
+            "POST", "/v1/objects/missing", {"objects": [sha(good), sha(b"z")]}
+        )
         assert (status, doc) == (200, {"missing": [sha(b"z")]})
         # the token file must be private: readable by others, nobody gets in
         (storage / "config" / "api-token").chmod(0o644)
@@ -254,8 +280,13 @@ def self_signed(out: Path) -> tuple[Path, Path]:
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "api-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / "api-key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (out / "api-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     (out / "api-key.pem").chmod(0o600)
     return out / "api-cert.pem", out / "api-key.pem"
 
@@ -316,7 +347,9 @@ def factory(tmp_path: Path, keys: Path) -> Path:
 
 
 @pytest.mark.root
-def test_bad_input_and_floods_leave_pid1_alone(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+def test_bad_input_and_floods_leave_pid1_alone(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
     device: SandboxDevice = sandbox(factory(tmp_path, signing_dir))
     before = device.wait_goals()
     token, port = provision_token(device.storage), free_port()
@@ -336,10 +369,17 @@ def test_bad_input_and_floods_leave_pid1_alone(tmp_path: Path, sandbox: Any, sig
             assert client.request("PUT", f"/v1/objects/{sha(b'a')}", b"a", token=bad)[0] == 401
 
         # path traversal: refused before touching the filesystem
-        for path in ("/v1/objects/..%2F..%2Fetc%2Fpasswd", "/v1/objects/../../etc/passwd",
-                     f"/v1/objects/{sha(b'a').upper()}", "/v1/objects/" + "a" * 63,
-                     "/v1/logs/..%2F..%2Fetc%2Fpasswd", "/v1/logs/../../../etc/passwd",
-                     "/v1/logs/.hidden", "/v1/revisions/..", "/v1/containers/..%2Fx/restart"):
+        for path in (
+            "/v1/objects/..%2F..%2Fetc%2Fpasswd",
+            "/v1/objects/../../etc/passwd",
+            f"/v1/objects/{sha(b'a').upper()}",
+            "/v1/objects/" + "a" * 63,
+            "/v1/logs/..%2F..%2Fetc%2Fpasswd",
+            "/v1/logs/../../../etc/passwd",
+            "/v1/logs/.hidden",
+            "/v1/revisions/..",
+            "/v1/containers/..%2Fx/restart",
+        ):
             for method in ("GET", "HEAD", "PUT"):
                 status, doc = client.request(method, path, b"a" if method == "PUT" else None)
                 assert status in (400, 404, 405), (method, path, status)
@@ -349,21 +389,37 @@ def test_bad_input_and_floods_leave_pid1_alone(tmp_path: Path, sandbox: Any, sig
         status, doc = client.request("PUT", f"/v1/objects/{sha(b'one')}", b"two")
         assert status == 422
         # malformed and oversized bodies: 4xx with a one-line reason
-        bad_bodies = [b"{", b"[]", b"null", b'{"state": 1, "signature": "x"}', b'{"x": 1}',
-                      b"[" * 100_000 + b"]" * 100_000, b'{"state": "\\ud800", "signature": "x"}',
-                      json.dumps({"state": json.dumps({"revision": 77}), "signature": "[]"}).encode()]
+        bad_bodies = [
+            b"{",
+            b"[]",
+            b"null",
+            b'{"state": 1, "signature": "x"}',
+            b'{"x": 1}',
+            b"[" * 100_000 + b"]" * 100_000,
+            b'{"state": "\\ud800", "signature": "x"}',
+            json.dumps({"state": json.dumps({"revision": 77}), "signature": "[]"}).encode(),
+        ]
         for body in bad_bodies:
             for path in ("/v1/revisions", "/v1/objects/missing"):
-                status, doc = client.request("POST", path, body, {"Content-Type": "application/json"})
+                status, doc = client.request(
+                    "POST", path, body, {"Content-Type": "application/json"}
+                )
                 assert 400 <= status < 500 and "\n" not in doc["error"], (path, body[:40], doc)
         huge = json.dumps({"state": "x" * (17 << 20), "signature": "y"}).encode()
         assert client.request("POST", "/v1/revisions", huge)[0] == 413
-        assert raw_exchange(port, token, "POST /v1/revisions HTTP/1.1\r\nHost: x\r\n"
-                            f"Content-Length: {1 << 40}\r\n\r\n").startswith(b"HTTP/1.1 413")
+        assert raw_exchange(
+            port,
+            token,
+            f"POST /v1/revisions HTTP/1.1\r\nHost: x\r\nContent-Length: {1 << 40}\r\n\r\n",
+        ).startswith(b"HTTP/1.1 413")
         assert raw_exchange(port, token, "POST /v1/revisions HTTP/1.1\r\nHost: x\r\n\r\n"
                             ).startswith(b"HTTP/1.1 411")  # fmt: skip
-        assert raw_exchange(port, token, f"PUT /v1/objects/{sha(b'big')} HTTP/1.1\r\nHost: x\r\n"
-                            f"Content-Length: {2 << 20}\r\n\r\n").startswith(b"HTTP/1.1 413")
+        assert raw_exchange(
+            port,
+            token,
+            f"PUT /v1/objects/{sha(b'big')} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {2 << 20}\r\n\r\n",
+        ).startswith(b"HTTP/1.1 413")
         assert raw_exchange(port, token, "GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
         assert objects_on(device.storage) == objects
         # a state that parses but is not signed: refused and recorded WONTGO
@@ -417,11 +473,32 @@ def test_bad_input_and_floods_leave_pid1_alone(tmp_path: Path, sandbox: Any, sig
 def test_push_over_tcp_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
     base = {"hostos": HOSTOS, "steady": app(IDLE)}
     v1 = factory(tmp_path, signing_dir)
-    v2 = build_revision(tmp_path, signing_dir, 2, {**base, "web": variant(tmp_path, "v2", "echo web v2; " + IDLE)})
-    v3 = build_revision(tmp_path, signing_dir, 3, {  # the same images: nothing to send
-        **base, "web": variant(tmp_path, "v2", "echo web v3; " + IDLE, env={"V": "3"})})
-    crash = build_revision(tmp_path, signing_dir, 4, {**base, "web": variant(
-        tmp_path, "crash", "exit 1", restart={"policy": "always", "backoff_initial_ms": "100ms"})})
+    v2 = build_revision(
+        tmp_path, signing_dir, 2, {**base, "web": variant(tmp_path, "v2", "echo web v2; " + IDLE)}
+    )
+    v3 = build_revision(
+        tmp_path,
+        signing_dir,
+        3,
+        {  # the same images: nothing to send
+            **base,
+            "web": variant(tmp_path, "v2", "echo web v3; " + IDLE, env={"V": "3"}),
+        },
+    )
+    crash = build_revision(
+        tmp_path,
+        signing_dir,
+        4,
+        {
+            **base,
+            "web": variant(
+                tmp_path,
+                "crash",
+                "exit 1",
+                restart={"policy": "always", "backoff_initial_ms": "100ms"},
+            ),
+        },
+    )
 
     port = free_port()
     device: SandboxDevice = sandbox(v1, *COMMIT, "--api-tcp", f"127.0.0.1:{port}")
@@ -448,7 +525,9 @@ def test_push_over_tcp_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Pat
 
     # a crash-looping app: rolled back, ERROR, exit 3; the others keep running
     out = pvpy("device", "push", url, crash, "--token-file", token_file, check=False, timeout=120)
-    assert out.returncode == 3 and "revision 4: ERROR rolled back" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 3 and "revision 4: ERROR rolled back" in out.stdout, (
+        out.stdout + out.stderr
+    )
     back = device.wait_for("3 back", lambda s: s["updating"] is None and s["all_goals_met"])
     assert back["revision"] == 3 and back["committed"] == 3
     assert pids(back)["steady"] == good["steady"]
@@ -500,7 +579,9 @@ def test_push_over_tcp_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Pat
 
 
 @pytest.mark.root
-def test_fuzz_the_api_from_its_openapi_document(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+def test_fuzz_the_api_from_its_openapi_document(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis.checks import not_a_server_error
@@ -526,7 +607,10 @@ def test_fuzz_the_api_from_its_openapi_document(tmp_path: Path, sandbox: Any, si
         for result in schema.get_all_operations():
             operation = result.ok()
             fixed = {"follow": "false"} if operation.path.startswith("/v1/logs") else None
-            for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            for mode in (
+                schemathesis.GenerationMode.POSITIVE,
+                schemathesis.GenerationMode.NEGATIVE,
+            ):
                 strategy = operation.as_strategy(generation_mode=mode, query=fixed)
 
                 @settings(max_examples=40, deadline=None, database=None,

@@ -42,11 +42,28 @@ def fails(code: int, *args: str | Path) -> str:
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["key"], ["key", "gen"], ["key", "keyset"], ["state"], ["state", "build"],
-     ["state", "sign"], ["state", "verify"], ["state", "show"], ["device"],
-     ["device", "provision"], ["device", "run"], ["device", "status"], ["device", "update"],
-     ["device", "rollback"], ["device", "push"], ["device", "logs"], ["device", "api"],
-     ["device", "restart"], ["device", "reboot"]],
+    [
+        [],
+        ["key"],
+        ["key", "gen"],
+        ["key", "keyset"],
+        ["state"],
+        ["state", "build"],
+        ["state", "sign"],
+        ["state", "verify"],
+        ["state", "show"],
+        ["device"],
+        ["device", "provision"],
+        ["device", "run"],
+        ["device", "status"],
+        ["device", "update"],
+        ["device", "rollback"],
+        ["device", "push"],
+        ["device", "logs"],
+        ["device", "api"],
+        ["device", "restart"],
+        ["device", "reboot"],
+    ],
 )
 def test_help_everywhere(command: list[str]) -> None:
     result = pvpy(*command, "--help")
@@ -111,8 +128,10 @@ def test_rebuild_drops_stale_signature(tmp_path: Path, demo_rootfs: Path) -> Non
 
 def test_bad_spec_gives_one_line_and_exit_4(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
-    spec.write_text("revision: 1\ncontainers:\n  app:\n    rootfs: nowhere\n    args: [x]\n"
-                    "    restart: {policy: sometimes}\n")
+    spec.write_text(
+        "revision: 1\ncontainers:\n  app:\n    rootfs: nowhere\n    args: [x]\n"
+        "    restart: {policy: sometimes}\n"
+    )
     line = fails(4, "state", "build", spec, "--out", tmp_path / "out")
     assert "$.containers.app.restart.policy" in line
     spec.write_text("revision: 1\ncontainers:\n  app:\n    rootfs: nowhere\n    args: [x]\n")
@@ -148,11 +167,53 @@ def test_provision_makes_a_private_api_token(tmp_path: Path, demo_rootfs: Path) 
     ok("key", "gen", "--out", keys)
     ok("state", "build", demo_rootfs / "spec.yaml", "--out", rev)
     ok("state", "sign", rev, "--key", keys)
-    out = ok("device", "provision", "--storage", tmp_path / "dev", "--state", rev,
-             "--trust", keys / "pvpy.pub")
+    out = ok(
+        "device",
+        "provision",
+        "--storage",
+        tmp_path / "dev",
+        "--state",
+        rev,
+        "--trust",
+        keys / "pvpy.pub",
+    )
     token = tmp_path / "dev" / "config" / "api-token"
     assert str(token) in out
     assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) >= 24
-    line = fails(10, "device", "provision", "--storage", tmp_path / "dev", "--state", rev,
-                 "--trust", keys / "pvpy.pub")
+    line = fails(
+        10,
+        "device",
+        "provision",
+        "--storage",
+        tmp_path / "dev",
+        "--state",
+        rev,
+        "--trust",
+        keys / "pvpy.pub",
+    )
     assert "already holds revisions" in line
+
+
+def test_device_status_wants_one_device() -> None:
+    assert "one of them" in fails(2, "device", "status")
+    assert "one of them" in fails(2, "device", "status", "unix:/nowhere.sock", "--storage", "/x")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["reboot"], ["restart", "web"], ["rollback"]],
+)
+def test_local_verbs_without_a_running_sandbox(tmp_path: Path, command: list[str]) -> None:
+    line = fails(10, "device", *command, "--storage", tmp_path)
+    assert "no device answers" in line
+
+
+def test_boot_verifier_loads_no_workstation_code(tmp_path: Path) -> None:
+    # PID 1 runs `device verify-installed` at every boot: its imports are boot time
+    code = (
+        "import sys; from pvpy.cli import main; "
+        f"main(['device', 'verify-installed', '--storage', {str(tmp_path)!r}, '--revision', '1']); "
+        "print(sorted(m for m in sys.modules if m.startswith(('pvpy.workstation', 'structlog'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

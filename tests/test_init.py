@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from pvpy.device.pid1 import OPTIONS, Options, parse_options
+from pvpy.device.pid1.options import OPTIONS, Options, parse_options
 
 REPO = Path(__file__).resolve().parent.parent
 
 # What PID 1 loads to boot and supervise, on a board and in the sandbox.
 PID1_MODULES = (
-    "pvpy.device.pid1, pvpy.device.apply, pvpy.device.supervisor, pvpy.device.runtime, pvpy.device.update, pvpy.store, "
+    "pvpy.device.pid1, pvpy.device.pid1.process, pvpy.device.pid1.boot, pvpy.device.pid1.control, "
+    "pvpy.device.apply, pvpy.device.supervisor, pvpy.device.runtime, pvpy.device.update, pvpy.store, "
     "pvpy.state, pvpy.state.canonical, pvpy.state.model, pvpy.device.bootenv.file, "
     "pvpy.device.bootenv.uboot, pvpy.device.board, pvpy.device.board.modules"
 )

@@ -50,17 +50,43 @@ def test_device_mode_early_mounts_and_poweroff(tmp_path: Path) -> None:
     (rev / "state.json").write_bytes(data)
     (rev / "state.sig.json").write_bytes(sign_state(data, [key]))
     storage = tmp_path / "storage"
-    subprocess.run([sys.executable, "-m", "pvpy", "device", "provision", "--storage",
-                    str(storage), "--state", str(rev), "--trust", str(keys / "pvpy.pub")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pvpy",
+            "device",
+            "provision",
+            "--storage",
+            str(storage),
+            "--state",
+            str(rev),
+            "--trust",
+            str(keys / "pvpy.pub"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     root = tmp_path / "root"
     root.mkdir()
     log = open(tmp_path / "init.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--mount", "--propagation", "private", "--uts", "--ipc",
-         "sh", "-c", SCRIPT],
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount",
+            "--propagation",
+            "private",
+            "--uts",
+            "--ipc",
+            "sh",
+            "-c",
+            SCRIPT,
+        ],
         env={**os.environ, "ROOT": str(root), "PYTHON": sys.executable, "STORAGE": str(storage)},
-        stdout=log, stderr=log,
+        stdout=log,
+        stderr=log,
     )
     log.close()
     try:
@@ -69,8 +95,14 @@ def test_device_mode_early_mounts_and_poweroff(tmp_path: Path) -> None:
         status = _status(sock)
         assert status["pid"] == 1 and status["revision"] == 1
         mounts = mounts_of(pid1)
-        expected = {"/proc": "proc", "/sys": "sysfs", "/dev": "devtmpfs", "/dev/pts": "devpts",
-                    "/dev/shm": "tmpfs", "/run": "tmpfs"}
+        expected = {
+            "/proc": "proc",
+            "/sys": "sysfs",
+            "/dev": "devtmpfs",
+            "/dev/pts": "devpts",
+            "/dev/shm": "tmpfs",
+            "/run": "tmpfs",
+        }
         for target, fstype in expected.items():
             assert mounts.get(target) == fstype, (target, mounts)
         assert mounts.get("/sys/fs/cgroup") in ("cgroup2", "tmpfs"), mounts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pvpy.device.supervisor import LogSink
+from pvpy.device.logsink import LogSink
 
 
 def test_log_rotates_at_cap(tmp_path: Path) -> None:

@@ -25,11 +25,15 @@ pytestmark = pytest.mark.root
 # kind -> (revision key in revisions(), the persist points that kind passes)
 KINDS = {
     "app-only": ("v2", ["stage:object", "stage:trail", "app:switched", "app:commit", "gc:done"]),
-    "bsp-change": ("bsp", ["stage:object", "stage:trail", "reboot:try", "reboot:testing",
-                           "reboot:commit", "gc:done"]),
+    "bsp-change": (
+        "bsp",
+        ["stage:object", "stage:trail", "reboot:try", "reboot:testing", "reboot:commit", "gc:done"],
+    ),
     "app-rollback": ("crash", ["stage:object", "stage:trail", "app:switched", "app:rollback"]),
-    "reboot-rollback": ("badbsp", ["stage:trail", "reboot:try", "reboot:testing",
-                                   "reboot:rollback"]),
+    "reboot-rollback": (
+        "badbsp",
+        ["stage:trail", "reboot:try", "reboot:testing", "reboot:rollback"],
+    ),
 }
 CASES = [(kind, point) for kind, (_, points) in KINDS.items() for point in points]
 covered: list[tuple[str, str]] = []
@@ -41,7 +45,9 @@ def test_every_persist_point_is_named() -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, demo_trees: Path) -> tuple[Path, dict[str, Path]]:
+def built(
+    tmp_path_factory: pytest.TempPathFactory, demo_trees: Path
+) -> tuple[Path, dict[str, Path]]:
     from pvpy.signing import generate_key
 
     tmp = tmp_path_factory.mktemp("powercut")
@@ -60,8 +66,9 @@ def settled(s: dict[str, Any]) -> bool:
 
 
 @pytest.mark.parametrize(("kind", "point"), CASES, ids=[f"{k}@{p}" for k, p in CASES])
-def test_power_cut(kind: str, point: str, tmp_path: Path, built: tuple[Path, dict[str, Path]],
-                   sandbox: Any) -> None:
+def test_power_cut(
+    kind: str, point: str, tmp_path: Path, built: tuple[Path, dict[str, Path]], sandbox: Any
+) -> None:
     keys, revs = built
     target = revs[KINDS[kind][0]]
     in_pid1 = not point.startswith("stage:")
@@ -74,18 +81,32 @@ def test_power_cut(kind: str, point: str, tmp_path: Path, built: tuple[Path, dic
 
     if in_pid1:
         pvpy("device", "update", target, "--storage", device.storage, "--no-wait", check=False)
-        device.wait_for(f"the power cut at {point}",
-                        lambda s: any(e.get("event") == "power cut" for e in device.events()),
-                        timeout=60)
+        device.wait_for(
+            f"the power cut at {point}",
+            lambda s: any(e.get("event") == "power cut" for e in device.events()),
+            timeout=60,
+        )
     else:
         import os
         import subprocess
         import sys
 
         result = subprocess.run(
-            [sys.executable, "-m", "pvpy", "device", "update", str(target),
-             "--storage", str(device.storage), "--no-wait"],
-            env={**os.environ, "PVPY_POWERCUT": point}, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "pvpy",
+                "device",
+                "update",
+                str(target),
+                "--storage",
+                str(device.storage),
+                "--no-wait",
+            ],
+            env={**os.environ, "PVPY_POWERCUT": point},
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode == -9, result.stderr  # cut while staging
         device.kill()  # and the device loses power with it
@@ -104,7 +125,9 @@ def test_power_cut(kind: str, point: str, tmp_path: Path, built: tuple[Path, dic
 def test_report_coverage() -> None:
     """Runs last in this module: says how many points x kinds were cut."""
     kinds = {k for k, _ in covered}
-    print(f"\npower cuts: {len(covered)} of {len(CASES)} point x kind cases passed "
-          f"({len(up.PERSIST_POINTS)} persist points, {len(kinds)} kinds)")
+    print(
+        f"\npower cuts: {len(covered)} of {len(CASES)} point x kind cases passed "
+        f"({len(up.PERSIST_POINTS)} persist points, {len(kinds)} kinds)"
+    )
     if len(covered) != len(CASES):
         pytest.skip("some power-cut cases did not run (deselected or failed)")

@@ -40,10 +40,10 @@ from typing import Any
 import pytest
 
 from pvpy.device.board import boot_choice
-from pvpy.device.board.modules import load_order
 from pvpy.errors import DeviceError, PvpyError
 from pvpy.store import ObjectStore, boot_env
 from pvpy.workstation.image import DEFAULT_SPEC, ImageBuild, build_board_revision, build_image
+from pvpy.workstation.image.modules import load_order
 from pvpy.workstation.qemu import Machine, ensure_qemu
 
 qemu = pytest.mark.qemu
@@ -66,9 +66,16 @@ def test_boot_choice_from_cmdline() -> None:
 
 def test_boot_env_names_the_bsp_objects() -> None:
     k, i = "a" * 64, "b" * 64
-    state = json.dumps({"revision": 1, "bsp": {"kernel": {"sha256": k, "size": 1},
-                                              "initrd": {"sha256": i, "size": 1},
-                                              "cmdline": "quiet\n panic=1"}}).encode()
+    state = json.dumps(
+        {
+            "revision": 1,
+            "bsp": {
+                "kernel": {"sha256": k, "size": 1},
+                "initrd": {"sha256": i, "size": 1},
+                "cmdline": "quiet\n panic=1",
+            },
+        }
+    ).encode()
     assert boot_env(state) == f"pv_kernel={k}\npv_initrd={i}\npv_cmdline=quiet panic=1\n".encode()
     assert boot_env(b'{"revision": 1, "containers": {}}') is None
     assert boot_env(b"not json") is None
@@ -76,13 +83,23 @@ def test_boot_env_names_the_bsp_objects() -> None:
 
 def test_module_load_order(tmp_path: Path) -> None:
     kernel = tmp_path / "kernel"
-    for rel, deps in {"fs/ext4/ext4.ko": "jbd2,mbcache,crc16", "fs/jbd2/jbd2.ko": "",
-                      "fs/mbcache.ko": "", "lib/crc16.ko": "", "drivers/virtio_blk.ko": ""}.items():
+    for rel, deps in {
+        "fs/ext4/ext4.ko": "jbd2,mbcache,crc16",
+        "fs/jbd2/jbd2.ko": "",
+        "fs/mbcache.ko": "",
+        "lib/crc16.ko": "",
+        "drivers/virtio_blk.ko": "",
+    }.items():
         (kernel / rel).parent.mkdir(parents=True, exist_ok=True)
         (kernel / rel).write_bytes(b"\x7fELF...\0license=GPL\0depends=" + deps.encode() + b"\0")
     order = load_order(kernel, ["virtio-blk", "ext4", "crc16"])
-    assert order == ["drivers/virtio_blk.ko", "fs/jbd2/jbd2.ko", "fs/mbcache.ko",
-                     "lib/crc16.ko", "fs/ext4/ext4.ko"]
+    assert order == [
+        "drivers/virtio_blk.ko",
+        "fs/jbd2/jbd2.ko",
+        "fs/mbcache.ko",
+        "lib/crc16.ko",
+        "fs/ext4/ext4.ko",
+    ]
     with pytest.raises(DeviceError, match="not found"):
         load_order(kernel, ["nosuch"])
 
@@ -138,9 +155,12 @@ class Guest:
 
     def api(self, path: str, method: str = "GET") -> Any:
         token = self.token_file.read_text().strip()
-        req = urllib.request.Request(self.url + path, method=method,
-                                     data=b"" if method == "POST" else None,
-                                     headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(
+            self.url + path,
+            method=method,
+            data=b"" if method == "POST" else None,
+            headers={"Authorization": f"Bearer {token}"},
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             data = resp.read()
         return json.loads(data) if data.strip() else None
@@ -155,9 +175,13 @@ class Guest:
                 status = self.api("/v1/status")
             except (OSError, ValueError, http.client.HTTPException):
                 status = None
-            if (status and status["all_goals_met"] and status["updating"] is None
-                    and not status["pending"]
-                    and (revision is None or status["revision"] == revision)):
+            if (
+                status
+                and status["all_goals_met"]
+                and status["updating"] is None
+                and not status["pending"]
+                and (revision is None or status["revision"] == revision)
+            ):
                 return status
             assert self.machine.running(), f"qemu exited ({self.machine.log_path})"
             assert time.monotonic() < deadline, f"not settled on {revision}: {status}"
@@ -176,9 +200,21 @@ class Guest:
         """``pvpy device push`` from the host (following the revision to its end)."""
         follow = ["--timeout", str(PUSH_TIMEOUT)] if wait else ["--no-wait"]
         return subprocess.run(
-            [sys.executable, "-m", "pvpy", "device", "push", self.url, str(revision_dir),
-             "--token-file", str(self.token_file), *follow],
-            capture_output=True, text=True, timeout=PUSH_TIMEOUT + 60,
+            [
+                sys.executable,
+                "-m",
+                "pvpy",
+                "device",
+                "push",
+                self.url,
+                str(revision_dir),
+                "--token-file",
+                str(self.token_file),
+                *follow,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=PUSH_TIMEOUT + 60,
         )
 
     def banners(self) -> int:
@@ -194,8 +230,9 @@ def guest(image: ImageBuild, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     work = tmp_path_factory.mktemp("guest")
     port = _free_port()
     with Machine(image.out, port=port, log_path=work / "console.log") as machine:
-        yield Guest(image, machine, port, work, {image.revision: image.revision_dir},
-                    image.revision)
+        yield Guest(
+            image, machine, port, work, {image.revision: image.revision_dir}, image.revision
+        )
     assert not machine.running()
 
 
@@ -240,8 +277,9 @@ def _cpio(tree: Path, files: dict[str, bytes | str]) -> bytes:
 @pytest.mark.timeout(900)
 def test_image_layout(image: ImageBuild) -> None:
     assert image.disk.stat().st_size > 512 << 20
-    table = json.loads(subprocess.run(["sfdisk", "-J", str(image.disk)], check=True,
-                                      capture_output=True).stdout)["partitiontable"]
+    table = json.loads(
+        subprocess.run(["sfdisk", "-J", str(image.disk)], check=True, capture_output=True).stdout
+    )["partitiontable"]
     assert [p["name"] for p in table["partitions"]] == ["storage", "pvmarker"]
     env = (image.out / "uboot-env.img").read_bytes()
     assert b"bootdelay=0\0" in env and b"/boot.scr" in env
@@ -254,8 +292,11 @@ def test_boot_to_goals(guest: Guest) -> None:
     m.wait_for(UBOOT, 30)
     # boot.env (written by Storage.install_revision) names the signed BSP objects.
     bsp = json.loads((image.revision_dir / "state.json").read_bytes())["bsp"]
-    m.wait_for(rf"pvpy-boot: rev 1 \[\] kernel {bsp['kernel']['sha256']} "
-               rf"initrd {bsp['initrd']['sha256']}", 30)
+    m.wait_for(
+        rf"pvpy-boot: rev 1 \[\] kernel {bsp['kernel']['sha256']} "
+        rf"initrd {bsp['initrd']['sha256']}",
+        30,
+    )
     m.wait_for(r"pvpy-boot: booti, bootargs console=ttyAMA0 quiet pv_rev=1", 30)
     m.wait_for(r'"event": "modules loaded"', BOOT_TIMEOUT)
     m.wait_for(r'"event": "storage mounted"', 30)
@@ -283,8 +324,13 @@ def test_app_update_without_reboot(guest: Guest) -> None:
     _, base = guest.running()
     before = guest.settled()
     number = guest.next_revision()
-    rev = build_board_revision(guest.image, guest.image.spec.parent / "spec-v2.yaml",
-                               guest.work / f"rev{number}", bsp_from=base, revision=number)
+    rev = build_board_revision(
+        guest.image,
+        guest.image.spec.parent / "spec-v2.yaml",
+        guest.work / f"rev{number}",
+        bsp_from=base,
+        revision=number,
+    )
     mark = len(m.lines)
     push = guest.push(rev)
     out = push.stdout + push.stderr

@@ -135,7 +135,9 @@ def test_references() -> None:
             reg.Reference.parse(bad)
 
 
-def test_publish_sends_only_missing_blobs(tmp_path: Path, registry: RegistryProcess, key: SigningKey) -> None:
+def test_publish_sends_only_missing_blobs(
+    tmp_path: Path, registry: RegistryProcess, key: SigningKey
+) -> None:
     shared, old, new = b"shared rootfs " * 1000, b"app r1 " * 500, b"app r2 " * 700
     r1 = write_revision(tmp_path / "r1", 1, [key], {"base": shared, "app": old})
     r2 = write_revision(tmp_path / "r2", 2, [key], {"base": shared, "app": new})
@@ -169,7 +171,10 @@ def test_publish_sends_only_missing_blobs(tmp_path: Path, registry: RegistryProc
     assert doc["annotations"] == {"org.pvpy.revision": "2"}
     roles = [(layer["annotations"]["org.pvpy.role"], layer["digest"]) for layer in doc["layers"]]
     assert roles[:2] == [("state", "sha256:" + sha(state2)), ("signature", "sha256:" + sha(sig2))]
-    assert {d for r, d in roles[2:] if r == "object"} == {"sha256:" + sha(shared), "sha256:" + sha(new)}
+    assert {d for r, d in roles[2:] if r == "object"} == {
+        "sha256:" + sha(shared),
+        "sha256:" + sha(new),
+    }
     # an object's blob is its object: same name, same bytes
     assert registry.blob_file("sha256:" + sha(new)).read_bytes() == new
 
@@ -182,7 +187,9 @@ def test_publish_sends_only_missing_blobs(tmp_path: Path, registry: RegistryProc
     # the CLI: same thing, exit 0; a registry that is not there: exit 11
     out = pvpy("state", "publish", r1, f"{registry.host}/fleet/other:stable", "--plain-http")
     assert "sent 5 blob(s)" in out.stdout
-    out = pvpy("state", "publish", r1, f"127.0.0.1:{free_port()}/fleet/demo:x", "--plain-http", check=False)
+    out = pvpy(
+        "state", "publish", r1, f"127.0.0.1:{free_port()}/fleet/demo:x", "--plain-http", check=False
+    )
     assert out.returncode == 11 and "cannot reach the registry" in out.stderr
 
 
@@ -191,9 +198,13 @@ def test_manifests_that_are_not_revisions() -> None:
                                  pub.Blob("signature", reg.SIGNATURE_TYPE, "sha256:" + "b" * 64, 1)])  # fmt: skip
     assert set(reg.parse_manifest_unverified(good)) == {"state", "signature"}
     doc = json.loads(good)
-    for broken in ({**doc, "artifactType": "application/vnd.other"}, {**doc, "layers": doc["layers"][:1]},
-                   {**doc, "layers": [*doc["layers"], doc["layers"][0]]}, {"layers": 1},
-                   {**doc, "layers": [{**doc["layers"][0], "digest": "sha256:../../x"}, doc["layers"][1]]}):
+    for broken in (
+        {**doc, "artifactType": "application/vnd.other"},
+        {**doc, "layers": doc["layers"][:1]},
+        {**doc, "layers": [*doc["layers"], doc["layers"][0]]},
+        {"layers": 1},
+        {**doc, "layers": [{**doc["layers"][0], "digest": "sha256:../../x"}, doc["layers"][1]]},
+    ):
         with pytest.raises(reg.RegistryError, match="not a pvpy revision"):
             reg.parse_manifest_unverified(json.dumps(broken).encode())
     with pytest.raises(reg.RegistryError):
@@ -220,15 +231,21 @@ def stored_objects(storage: Path) -> tuple[set[str], list[str]]:
 
 
 @pytest.mark.root
-def test_pull_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Path, registry: RegistryProcess) -> None:
+def test_pull_end_to_end(
+    tmp_path: Path, sandbox: Any, signing_dir: Path, registry: RegistryProcess
+) -> None:
     base = {"hostos": HOSTOS, "steady": app(IDLE)}
     v1 = build_revision(tmp_path, signing_dir, 1, {**base, "web": app("echo web v1; " + IDLE)})
-    v2 = build_revision(tmp_path, signing_dir, 2, {**base, "web": variant(tmp_path, "v2", "echo web v2; " + IDLE)})
+    v2 = build_revision(
+        tmp_path, signing_dir, 2, {**base, "web": variant(tmp_path, "v2", "echo web v2; " + IDLE)}
+    )
     stranger = tmp_path / "stranger"
     generate_key(stranger)
     v3 = build_revision(tmp_path, stranger, 3, {**base, "web": variant(tmp_path, "v3", IDLE)})
     v4 = build_revision(tmp_path, signing_dir, 4, {**base, "web": variant(tmp_path, "v4", IDLE)})
-    v5 = build_revision(tmp_path, signing_dir, 5, {**base, "web": variant(tmp_path, "v5", "echo web v5; " + IDLE)})
+    v5 = build_revision(
+        tmp_path, signing_dir, 5, {**base, "web": variant(tmp_path, "v5", "echo web v5; " + IDLE)}
+    )
 
     device: SandboxDevice = sandbox(v1, *COMMIT)
     before = pids(device.wait_goals())
@@ -276,7 +293,9 @@ def test_pull_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Path, regist
 
     # a blob corrupted in the registry's storage: refused by its hash, nothing kept
     publish(v4)
-    new_objects = {p.name for p in (v4 / "objects").iterdir()} - {p.name for p in (v2 / "objects").iterdir()}
+    new_objects = {p.name for p in (v4 / "objects").iterdir()} - {
+        p.name for p in (v2 / "objects").iterdir()
+    }
     assert len(new_objects) == 1
     blob = registry.blob_file("sha256:" + new_objects.pop())
     data = bytearray(blob.read_bytes())
@@ -329,8 +348,15 @@ def test_pull_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Path, regist
     assert records(device.storage)[3] == refused
 
     # the device busy with an update (here a local one): the puller leaves it alone
-    v6 = build_revision(tmp_path, signing_dir, 6, {  # the same images: nothing to copy
-        **base, "web": {**variant(tmp_path, "v5", "echo web v6; " + IDLE), "env": {"V": "6"}}})
+    v6 = build_revision(
+        tmp_path,
+        signing_dir,
+        6,
+        {  # the same images: nothing to copy
+            **base,
+            "web": {**variant(tmp_path, "v5", "echo web v6; " + IDLE), "env": {"V": "6"}},
+        },
+    )
     publish(v6)
     pvpy("device", "update", v6, "--storage", device.storage, "--no-wait")
     out = pull_once()
@@ -348,13 +374,19 @@ def test_device_configured_to_pull_updates_itself(
     v1 = build_revision(tmp_path, signing_dir, 1, {**base, "web": app("echo web v1; " + IDLE)})
     v2 = build_revision(tmp_path, signing_dir, 2, {**base, "web": variant(tmp_path, "v2", IDLE)})
     tag = f"{registry.host}/fleet/self:stable"
-    device: SandboxDevice = sandbox(v1, *COMMIT, "--pull", tag, "--pull-interval", "1",
-                                    "--pull-plain-http")
+    device: SandboxDevice = sandbox(
+        v1, *COMMIT, "--pull", tag, "--pull-interval", "1", "--pull-plain-http"
+    )
     before = pids(device.wait_goals())
     pvpy("state", "publish", v2, tag, "--plain-http")
-    status = device.wait_for("revision 2 pulled and committed", lambda s: s["revision"] == 2
-                             and s["committed"] == 2 and s["all_goals_met"], timeout=90)
+    status = device.wait_for(
+        "revision 2 pulled and committed",
+        lambda s: s["revision"] == 2 and s["committed"] == 2 and s["all_goals_met"],
+        timeout=90,
+    )
     assert pids(status)["steady"] == before["steady"]
     assert records(device.storage)[2]["status"] == "UPDATED"
-    assert any(e.get("event") == "helper started" and e.get("helper") == "registry puller"
-               for e in device.events())
+    assert any(
+        e.get("event") == "helper started" and e.get("helper") == "registry puller"
+        for e in device.events()
+    )

@@ -349,6 +349,7 @@ def test_image_tryboot_commit_and_rollback(image: ImageBuild, tmp_path: Path) ->
 def wait_for_other_qemu(limit: float = 1800.0) -> None:
     """Do not boot beside another QEMU run (e.g. tests/test_qemu.py in another
     session): two TCG guests on two cores starve each other into timeouts."""
+
     def running() -> bool:  # argv[0] only: `pgrep -f` also matches shells naming it
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
@@ -408,8 +409,9 @@ def test_image_kernel_and_initrd_boot_pvpy(image: ImageBuild,
     deadline = time.monotonic() + 120
     while True:
         try:
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/status",
-                                         headers={"Authorization": f"Bearer {token}"})
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/status", headers={"Authorization": f"Bearer {token}"}
+            )
             with urllib.request.urlopen(req, timeout=10) as resp:
                 status = json.loads(resp.read())
             if status["all_goals_met"]:
@@ -506,7 +508,9 @@ def test_bsp_update_on_a_kernel_that_cannot_tryboot(image: ImageBuild, tmp_path:
         assert m.find(r"reboot\(2\) with an argument failed", i) is None
         # The reboot: the same kernel of partition A (QEMU has no tryboot).
         i = m.wait_for(r'"event": "modules loaded"', BOOT_TIMEOUT, i)
-        m.wait_for(r'"revision": 1, "trying": false, "failed_try": 2, "event": "boot choice"', 60, i)
+        m.wait_for(
+            r'"revision": 1, "trying": false, "failed_try": 2, "event": "boot choice"', 60, i
+        )
         status = settled(m, port, token, 1)
         assert (status["committed"], status["try"]) == (1, None), status
         record = api(port, token, "/v1/revisions/2")

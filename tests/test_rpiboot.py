@@ -5,7 +5,8 @@ partitions (``disk/p1`` config, ``p2``/``p3`` boot A/B, ``p4`` the storage)
 and a directory of files for /proc/device-tree/chosen/bootloader (the
 firmware's ``tryboot`` and ``partition`` cells) — the one thing faked. PID 1's
 update code (``Applier``) runs for real against them, with a small stand-in
-for ``Init`` whose child process is the real ``pvpy device write-boot``.
+for PID 1 (``FakePid1``, an ``ApplyHost``) whose child process is the real
+``pvpy device write-boot``.
 A real FAT partition is written once too (loop device, root only).
 """
 
@@ -20,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -40,37 +41,51 @@ from pvpy.store import ObjectStore, Storage
 from pvpy.workstation.image import load_board, rpi_boot_files
 from tests.conftest import write_revision
 
+if TYPE_CHECKING:
+    from pvpy.device._apply_host import ApplyHost, Done
+
 REPO = Path(__file__).resolve().parent.parent
 RPI = {"config_partition": 1, "boot_partitions": [2, 3], "console": "ttyS1,115200",
        "config_txt": ["arm_64bit=1", "upstream_kernel=1"], "dtb": "bcm2711-rpi-4-b.dtb"}  # fmt: skip
 FIRMWARE = {"start4.elf": b"gpu firmware", "fixup4.dat": b"fixup"}
 
 
-class FakeInit:
-    """What ``Applier`` uses of ``pvpy.device.pid1.Init``: storage, boot env, flags, the
-    running state, and the two ways out (a child process, a reboot request)."""
+class FakePid1:
+    """PID 1 as ``Applier`` sees it (``ApplyHost``): storage, boot env, the boot facts,
+    the running state, and the ways out (a child process, a reboot request)."""
 
     def __init__(self, storage: Path, bootenv: Any, running: State, board_file: Path | None = None,
-                 target: Path | None = None, **args: Any) -> None:  # fmt: skip
+                 target: Path | None = None, *, trying: bool = False,
+                 failed_try: int | None = None) -> None:  # fmt: skip
         self.storage = storage
         self.bootenv = bootenv
-        self.args = SimpleNamespace(boot_revision=running.revision, trying=False,
-                                    failed_try=None, commit_delay=0.0, commit_timeout=60.0,
-                                    board=str(board_file))  # fmt: skip
-        self.args.__dict__.update(args)
+        self.supervisor: Any = SimpleNamespace(state=running)  # only its state is read here
+        self.boot_revision: int | None = running.revision
+        self.boot_trying = trying
+        self.failed_try = failed_try
         self.failed_try_reason: str | None = None
-        self.pending: str | None = None
-        self.supervisor = SimpleNamespace(state=running)
+        self.commit_delay = 0.0
+        self.commit_timeout = 60.0
         self.revision: int | None = running.revision
+        self.board = str(board_file)
         self.target = target
         self.requests: list[tuple[str, str, str | None]] = []
 
-    def start_write_boot(self, revision: int, done: Any) -> None:
+    @property
+    def shutdown_pending(self) -> bool:
+        return bool(self.requests)
+
+    def set_revision(self, revision: int) -> None:
+        self.revision = revision
+
+    def start_verify(self, revision: int, done: Done) -> None:
+        raise AssertionError("these tests start at the verified revision")
+
+    def start_write_boot(self, revision: int, done: Done) -> None:
         """PID 1 spawns this child and hears of its exit in its loop; here at once."""
         proc = subprocess.run(
             [sys.executable, "-m", "pvpy", "device", "write-boot", "--storage", str(self.storage),
-             "--revision", str(revision), "--target", str(self.target),
-             "--board", self.args.board],
+             "--revision", str(revision), "--target", str(self.target), "--board", self.board],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         lines = proc.stderr.strip().splitlines()
@@ -78,7 +93,10 @@ class FakeInit:
 
     def request(self, action: str, reason: str, argument: str | None = None) -> None:
         self.requests.append((action, reason, argument))
-        self.pending = action
+
+
+if TYPE_CHECKING:
+    _: type[ApplyHost] = FakePid1  # mypy: the fake offers all the protocol asks
 
 
 class Pi:
@@ -106,7 +124,9 @@ class Pi:
                                         (rev / "state.sig.json").read_bytes())  # fmt: skip
             self.revs[number] = rev
         self.board_file = tmp / "board.json"
-        self.board_file.write_text(json.dumps(board.BoardConfig(name="rpi-test", rpi=RPI).to_dict()))
+        self.board_file.write_text(
+            json.dumps(board.BoardConfig(name="rpi-test", rpi=RPI).to_dict())
+        )
         # The factory image: revision 1 in A and B, firmware in both, pv_rev=1 on A.
         for n in (2, 3):
             for name, data in FIRMWARE.items():
@@ -136,23 +156,23 @@ class Pi:
         part = self.disk / f"p{n}"
         return {p.name: p.read_bytes() for p in sorted(part.iterdir())}
 
-    def boot(self) -> tuple[FakeInit, Applier]:
+    def boot(self) -> tuple[FakePid1, Applier]:
         """What PID 1 does on the next boot: the choice from pvpy.env + the flag,
         checked against the booted partition's cmdline.txt, then reconcile."""
         env = self.env()
         booted = struct.unpack(">I", (self.dt / "partition").read_bytes())[0]
         cmdline = (self.disk / f"p{booted}" / rpiboot.CMDLINE).read_text()
         choice, reason = rpi.rpi_boot_choice(env, board.boot_choice(cmdline))
-        init = FakeInit(self.store.root, env, self.state(choice.revision or 1),
+        init = FakePid1(self.store.root, env, self.state(choice.revision or 1),
                         self.board_file, trying=choice.trying, failed_try=choice.failed_try)  # fmt: skip
         init.failed_try_reason = reason
         applier = Applier(init)
         applier.reconcile(choice.revision)
         return init, applier
 
-    def update_to_2(self) -> FakeInit:
+    def update_to_2(self) -> FakePid1:
         """PID 1 applies revision 2 (a BSP change: a new initrd) from revision 1."""
-        init = FakeInit(self.store.root, self.env(), self.state(1), self.board_file,
+        init = FakePid1(self.store.root, self.env(), self.state(1), self.board_file,
                         target=self.disk / "p3")  # fmt: skip
         Applier(init).verified(2, None)
         return init
@@ -217,7 +237,7 @@ def test_firmware_try_boot_then_commit_swaps_autoboot(pi: Pi) -> None:
     pi.update_to_2()
     pi.firmware(partition=3, tryboot=True)  # the Pi kernel passed "0 tryboot" on
     init, applier = pi.boot()
-    assert (init.args.boot_revision, init.args.trying) == (2, True)
+    assert (init.boot_revision, init.boot_trying) == (2, True)
     assert init.bootenv.read()["pv_trying"] == "2"
     assert record(pi, 2).status == up.TESTING
     assert applier.update is not None and applier.trying
@@ -236,7 +256,7 @@ def test_no_tryboot_flag_is_error_and_clears_pv_try(pi: Pi) -> None:
     pi.update_to_2()
     pi.firmware(partition=2, tryboot=False)
     init, applier = pi.boot()
-    assert (init.args.boot_revision, init.args.trying, init.args.failed_try) == (1, False, 2)
+    assert (init.boot_revision, init.boot_trying, init.failed_try) == (1, False, 2)
     assert (record(pi, 2).status, record(pi, 2).reason) == (up.ERROR, NOT_TRYBOOTED)
     assert "pv_try" not in init.bootenv.read() and applier.update is None
     assert (pi.disk / "p1" / AUTOBOOT).read_bytes() == autoboot
@@ -253,7 +273,7 @@ def test_a_try_that_booted_and_died_is_error(pi: Pi) -> None:
     pi.boot()
     pi.firmware(partition=2, tryboot=False)
     init, _ = pi.boot()
-    assert init.args.failed_try == 2 and init.failed_try_reason is None
+    assert init.failed_try == 2 and init.failed_try_reason is None
     assert record(pi, 2).status == up.ERROR and "did not commit" in record(pi, 2).reason
     assert init.bootenv.read() == {"pv_rev": "1", "rpi_boot_partition": "2"}
 
@@ -265,7 +285,7 @@ def test_try_partition_holding_other_files_is_not_tested(pi: Pi) -> None:
     rpi.write_files(pi.disk / "p3", pi.files(1))
     pi.firmware(partition=3, tryboot=True)
     init, _ = pi.boot()
-    assert (init.args.boot_revision, init.args.trying, init.args.failed_try) == (1, False, 2)
+    assert (init.boot_revision, init.boot_trying, init.failed_try) == (1, False, 2)
     assert "holds revision 1's boot files" in record(pi, 2).reason
 
 
@@ -296,7 +316,7 @@ def test_power_cut_while_writing_the_try_partition(pi: Pi, cut_after: int,
     assert (rpiboot.CONFIG in pi.snapshot(3)) == (cut_after == 5)
     assert pi.snapshot(2) == committed and pi.snapshot(1) == config
     init, _ = pi.boot()
-    assert (init.args.boot_revision, init.args.trying, init.args.failed_try) == (1, False, None)
+    assert (init.boot_revision, init.boot_trying, init.failed_try) == (1, False, None)
     assert record(pi, 2).status == up.ERROR and "interrupted" in record(pi, 2).reason
     # The next attempt writes the partition whole.
     init = pi.update_to_2()
@@ -315,7 +335,7 @@ def test_power_cut_after_pv_try_before_the_reboot(pi: Pi, monkeypatch: pytest.Mo
     monkeypatch.undo()
     pi.firmware(partition=2, tryboot=False)  # a plain power-on: no flag
     init, _ = pi.boot()
-    assert init.args.boot_revision == 1 and record(pi, 2).status == up.ERROR
+    assert init.boot_revision == 1 and record(pi, 2).status == up.ERROR
     assert "pv_try" not in init.bootenv.read()
 
 
@@ -354,7 +374,9 @@ def test_write_boot_partition_on_a_real_fat_partition(pi: Pi, tmp_path: Path) ->
     assert not os.path.ismount(tmp_path / "mnt")
 
 
-def test_reconcile_clears_a_try_the_bootloader_never_booted(tmp_path: Path, key: SigningKey) -> None:
+def test_reconcile_clears_a_try_the_bootloader_never_booted(
+    tmp_path: Path, key: SigningKey
+) -> None:
     """Any board (here the file boot env of the sandbox and U-Boot boards' storage):
     pv_try set, then a plain reboot into the committed revision. The try is over:
     ERROR, and pv_try cleared (it used to stay set)."""
@@ -366,7 +388,7 @@ def test_reconcile_clears_a_try_the_bootloader_never_booted(tmp_path: Path, key:
     env.write({"pv_rev": "1", "pv_try": "2", "pv_bootcount": "0"})
     up.write_progress(storage, 2, up.INPROGRESS, "BSP changed: rebooting into it",
                       kind=up.KIND_REBOOT)  # fmt: skip
-    Applier(FakeInit(storage, env, running)).reconcile(1)
+    Applier(FakePid1(storage, env, running)).reconcile(1)
     progress = up.read_progress(storage, 2)
     assert progress is not None and progress.status == up.ERROR
     assert "did not boot it" in progress.reason

@@ -22,23 +22,36 @@ pytestmark = pytest.mark.root
 
 
 def ordered(events: list[dict[str, Any]], status: str) -> list[str]:
-    return [e["name"] for e in events if e.get("event") == "container" and e.get("status") == status]
+    return [
+        e["name"] for e in events if e.get("event") == "container" and e.get("status") == status
+    ]
 
 
-def test_boot_start_order_and_reverse_stop_order(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+def test_boot_start_order_and_reverse_stop_order(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
     trap = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
-    rev = build_revision(tmp_path, signing_dir, 1, {
-        "hostos": HOSTOS,
-        "db": app(trap, group="platform"),
-        "api": app(trap, depends_on=["cache"]),
-        "cache": app(trap),
-        "ui": app(trap, depends_on=["api"]),
-    })
+    rev = build_revision(
+        tmp_path,
+        signing_dir,
+        1,
+        {
+            "hostos": HOSTOS,
+            "db": app(trap, group="platform"),
+            "api": app(trap, depends_on=["cache"]),
+            "cache": app(trap),
+            "ui": app(trap, depends_on=["api"]),
+        },
+    )
     device = sandbox(rev)
     status = device.wait_goals()
     assert status["revision"] == 1 and status["pid"] == 1
     assert {c["name"]: c["status"] for c in status["containers"]} == {
-        "hostos": "STARTED", "db": "STARTED", "cache": "STARTED", "api": "STARTED", "ui": "STARTED"
+        "hostos": "STARTED",
+        "db": "STARTED",
+        "cache": "STARTED",
+        "api": "STARTED",
+        "ui": "STARTED",
     }
     assert device.stop() == 0
     events = device.events()
@@ -71,12 +84,21 @@ def test_stop_signal_reaches_an_init_that_ignores_sigterm(
     assert ordered(events, "STOPPED") == ["usr1", "deaf", "hostos"]
 
 
-def test_app_sees_none_of_the_hosts_processes(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
-    rev = build_revision(tmp_path, signing_dir, 1, {
-        "hostos": HOSTOS,
-        "peek": app("ls /proc | grep -c '^[0-9]' > /tmp/count; "
-                    "echo procs=$(cat /tmp/count) self=$$; ps -o pid,comm; sleep 3600"),
-    })
+def test_app_sees_none_of_the_hosts_processes(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
+    rev = build_revision(
+        tmp_path,
+        signing_dir,
+        1,
+        {
+            "hostos": HOSTOS,
+            "peek": app(
+                "ls /proc | grep -c '^[0-9]' > /tmp/count; "
+                "echo procs=$(cat /tmp/count) self=$$; ps -o pid,comm; sleep 3600"
+            ),
+        },
+    )
     device = sandbox(rev)
     device.wait_goals()
     log = device.storage / "logs" / "peek.log"
@@ -95,11 +117,18 @@ def test_app_sees_none_of_the_hosts_processes(tmp_path: Path, sandbox: Any, sign
 
 def test_memory_limit_is_enforced(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
     # dd's 64 MiB block buffer does not fit in 16 MiB: the kernel OOM-kills it.
-    rev = build_revision(tmp_path, signing_dir, 1, {
-        "hostos": HOSTOS,
-        "hog": app("sleep 1; dd if=/dev/zero of=/dev/null bs=64M count=1; echo dd=$?; sleep 3600",
-                   cgroup={"memory_max": "16M", "pids_max": 32}),
-    })
+    rev = build_revision(
+        tmp_path,
+        signing_dir,
+        1,
+        {
+            "hostos": HOSTOS,
+            "hog": app(
+                "sleep 1; dd if=/dev/zero of=/dev/null bs=64M count=1; echo dd=$?; sleep 3600",
+                cgroup={"memory_max": "16M", "pids_max": 32},
+            ),
+        },
+    )
     device = sandbox(rev)
     device.wait_goals()
     log = device.storage / "logs" / "hog.log"
@@ -109,28 +138,51 @@ def test_memory_limit_is_enforced(tmp_path: Path, sandbox: Any, signing_dir: Pat
         time.sleep(0.1)
     assert "dd=137" in log.read_text()  # 128 + SIGKILL from the OOM killer
     limit = subprocess.run(
-        ["sh", "-c", f"cat /sys/fs/cgroup/memory/pvpy-{device.run_dir.name}/hog/memory.limit_in_bytes"
-                     f" /sys/fs/cgroup/pvpy-{device.run_dir.name}/hog/memory.max 2>/dev/null"],
-        capture_output=True, text=True,
+        [
+            "sh",
+            "-c",
+            f"cat /sys/fs/cgroup/memory/pvpy-{device.run_dir.name}/hog/memory.limit_in_bytes"
+            f" /sys/fs/cgroup/pvpy-{device.run_dir.name}/hog/memory.max 2>/dev/null",
+        ],
+        capture_output=True,
+        text=True,
     ).stdout.split()
     assert limit and int(limit[0]) == 16 * 1024 * 1024
 
 
-def test_restart_backoff_and_crash_loop_limit(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+def test_restart_backoff_and_crash_loop_limit(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
     trap = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
-    rev = build_revision(tmp_path, signing_dir, 1, {
-        "hostos": HOSTOS,
-        "steady": app(trap),
-        "crasher": app("echo crashing; exit 3", restart={
-            "policy": "always", "max_retries": 4, "backoff_initial_ms": "200ms",
-            "backoff_max_ms": "1s", "stable_window_ms": "30s"}),
-    })
+    rev = build_revision(
+        tmp_path,
+        signing_dir,
+        1,
+        {
+            "hostos": HOSTOS,
+            "steady": app(trap),
+            "crasher": app(
+                "echo crashing; exit 3",
+                restart={
+                    "policy": "always",
+                    "max_retries": 4,
+                    "backoff_initial_ms": "200ms",
+                    "backoff_max_ms": "1s",
+                    "stable_window_ms": "30s",
+                },
+            ),
+        },
+    )
     device = sandbox(rev)
-    device.wait_for("steady started", lambda s: any(
-        c["name"] == "steady" and c["status"] == "STARTED" for c in s["containers"]))
+    device.wait_for(
+        "steady started",
+        lambda s: any(c["name"] == "steady" and c["status"] == "STARTED" for c in s["containers"]),
+    )
     steady_pid = device.container("steady")["pid"]
-    failed = device.wait_for("crash loop detected", lambda s: any(
-        c["name"] == "crasher" and c["status"] == "FAILED" for c in s["containers"]))
+    failed = device.wait_for(
+        "crash loop detected",
+        lambda s: any(c["name"] == "crasher" and c["status"] == "FAILED" for c in s["containers"]),
+    )
     crasher = next(c for c in failed["containers"] if c["name"] == "crasher")
     assert crasher["restarts"] == 4
     assert "crash loop" in crasher["reason"]
@@ -139,8 +191,11 @@ def test_restart_backoff_and_crash_loop_limit(tmp_path: Path, sandbox: Any, sign
     assert steady["status"] == "STARTED" and steady["pid"] == steady_pid and steady["restarts"] == 0
 
     starts = [
-        e["timestamp"] for e in device.events()
-        if e.get("event") == "container" and e.get("name") == "crasher" and e.get("status") == "STARTING"
+        e["timestamp"]
+        for e in device.events()
+        if e.get("event") == "container"
+        and e.get("name") == "crasher"
+        and e.get("status") == "STARTING"
     ]
     assert len(starts) == 5
     times = [_seconds(t) for t in starts]
@@ -155,17 +210,33 @@ def _seconds(timestamp: str) -> float:
     return dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
 
 
-def test_stable_window_resets_the_retry_count(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+def test_stable_window_resets_the_retry_count(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
     # Runs 1.5 s, then fails: longer than its 1 s stable window, so it is never a crash loop.
-    rev = build_revision(tmp_path, signing_dir, 1, {
-        "hostos": HOSTOS,
-        "flaky": app("sleep 1.5; exit 1", restart={
-            "policy": "on-failure", "max_retries": 1, "backoff_initial_ms": "100ms",
-            "stable_window_ms": "1s"}),
-    })
+    rev = build_revision(
+        tmp_path,
+        signing_dir,
+        1,
+        {
+            "hostos": HOSTOS,
+            "flaky": app(
+                "sleep 1.5; exit 1",
+                restart={
+                    "policy": "on-failure",
+                    "max_retries": 1,
+                    "backoff_initial_ms": "100ms",
+                    "stable_window_ms": "1s",
+                },
+            ),
+        },
+    )
     device = sandbox(rev)
-    device.wait_for("three restarts", lambda s: any(
-        c["name"] == "flaky" and c["restarts"] >= 3 for c in s["containers"]), timeout=30)
+    device.wait_for(
+        "three restarts",
+        lambda s: any(c["name"] == "flaky" and c["restarts"] >= 3 for c in s["containers"]),
+        timeout=30,
+    )
     assert device.container("flaky")["status"] != "FAILED"
 
 
@@ -176,9 +247,20 @@ def test_orphans_are_reaped(tmp_path: Path, sandbox: Any, signing_dir: Path) -> 
     pid1 = device.pid1()
     # 100 grandchildren in PID 1's namespace whose parents exit at once: orphans.
     subprocess.run(
-        ["nsenter", "--target", str(pid1), "--pid", "--mount", "--",
-         "/bin/busybox", "sh", "-c", "for i in $(seq 100); do (sleep 1 &) ; done"],
-        check=True, timeout=30,
+        [
+            "nsenter",
+            "--target",
+            str(pid1),
+            "--pid",
+            "--mount",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "for i in $(seq 100); do (sleep 1 &) ; done",
+        ],
+        check=True,
+        timeout=30,
     )
     children = _children(pid1)
     orphans = [p for p in children if _comm(p) == "sleep"]
@@ -266,8 +348,13 @@ def test_host_os_reboot_reboots_the_device(tmp_path: Path, sandbox: Any, signing
     events = device.events()
     boots = [e for e in events if e.get("event") == "boot"]
     assert len(boots) == 2
-    assert sum(e.get("event") == "shutdown requested" and e.get("reason") == "host OS called reboot"
-               for e in events) == 2
+    assert (
+        sum(
+            e.get("event") == "shutdown requested" and e.get("reason") == "host OS called reboot"
+            for e in events
+        )
+        == 2
+    )
     assert [e.get("event") for e in events if e.get("logger") == "sandbox"].count("reboot") == 2
 
 
@@ -289,26 +376,57 @@ def test_runc_runs_the_same_bundle(tmp_path: Path, sandbox: Any, signing_dir: Pa
     assert all(c["status"] == "STARTED" for c in status["containers"])
 
 
-def test_readiness_checks_and_group_timeout(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+def test_readiness_checks_and_group_timeout(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
     idle = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
-    rev = build_revision(tmp_path, signing_dir, 1, {
-        "hostos": HOSTOS,
-        "by-file": app(f"sleep 1; touch /tmp/ready; {idle}", status_goal="READY",
-                       readiness={"type": "file", "path": "/tmp/ready", "interval_ms": "100ms"}),
-        "by-command": app(f"sleep 1; echo ok > /tmp/ok; {idle}", status_goal="READY",
-                          readiness={"type": "command", "command": ["cat", "/tmp/ok"],
-                                     "interval_ms": "200ms"}),
-        "by-tcp": app("sleep 1; exec httpd -f -p 127.0.0.1:18931 -h /tmp", status_goal="READY",
-                      readiness={"type": "tcp", "port": 18931, "interval_ms": "100ms"}),
-        "by-notify": app(f"sleep 1; echo READY=1 > $PVPY_NOTIFY; {idle}", status_goal="READY",
-                         readiness={"type": "notify"}),
-        "never": app(idle, group="platform", status_goal="READY",
-                     readiness={"type": "file", "path": "/nope"}),
-    }, groups=[{"name": "root"}, {"name": "platform", "timeout_ms": "2s"}, {"name": "app"}])
+    rev = build_revision(
+        tmp_path,
+        signing_dir,
+        1,
+        {
+            "hostos": HOSTOS,
+            "by-file": app(
+                f"sleep 1; touch /tmp/ready; {idle}",
+                status_goal="READY",
+                readiness={"type": "file", "path": "/tmp/ready", "interval_ms": "100ms"},
+            ),
+            "by-command": app(
+                f"sleep 1; echo ok > /tmp/ok; {idle}",
+                status_goal="READY",
+                readiness={
+                    "type": "command",
+                    "command": ["cat", "/tmp/ok"],
+                    "interval_ms": "200ms",
+                },
+            ),
+            "by-tcp": app(
+                "sleep 1; exec httpd -f -p 127.0.0.1:18931 -h /tmp",
+                status_goal="READY",
+                readiness={"type": "tcp", "port": 18931, "interval_ms": "100ms"},
+            ),
+            "by-notify": app(
+                f"sleep 1; echo READY=1 > $PVPY_NOTIFY; {idle}",
+                status_goal="READY",
+                readiness={"type": "notify"},
+            ),
+            "never": app(
+                idle,
+                group="platform",
+                status_goal="READY",
+                readiness={"type": "file", "path": "/nope"},
+            ),
+        },
+        groups=[{"name": "root"}, {"name": "platform", "timeout_ms": "2s"}, {"name": "app"}],
+    )
     device = sandbox(rev)
-    status = device.wait_for("the app group ready", lambda s: [
-        c["status"] for c in s["containers"] if c["name"].startswith("by-")] == ["READY"] * 4,
-        timeout=40)
+    status = device.wait_for(
+        "the app group ready",
+        lambda s: (
+            [c["status"] for c in s["containers"] if c["name"].startswith("by-")] == ["READY"] * 4
+        ),
+        timeout=40,
+    )
     assert status["goals_missed"] == ["never"]
     assert not status["all_goals_met"]
     never = next(c for c in status["containers"] if c["name"] == "never")
@@ -316,10 +434,16 @@ def test_readiness_checks_and_group_timeout(tmp_path: Path, sandbox: Any, signin
     events = device.events()
     assert any(e.get("event") == "group timed out" and e.get("missed") == ["never"] for e in events)
     # READY came from the checks, not from the start: each app waited its second
-    ready = {e["name"]: e["timestamp"] for e in events
-             if e.get("event") == "container" and e.get("status") == "READY"}
-    started = {e["name"]: e["timestamp"] for e in events
-               if e.get("event") == "container" and e.get("status") == "STARTED"}
+    ready = {
+        e["name"]: e["timestamp"]
+        for e in events
+        if e.get("event") == "container" and e.get("status") == "READY"
+    }
+    started = {
+        e["name"]: e["timestamp"]
+        for e in events
+        if e.get("event") == "container" and e.get("status") == "STARTED"
+    }
     for name in ("by-file", "by-command", "by-tcp", "by-notify"):
         assert _seconds(ready[name]) - _seconds(started[name]) >= 0.8, name
 
@@ -333,7 +457,10 @@ def test_unverifiable_revision_falls_back_to_an_older_one(
     idle = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
     rev1 = build_revision(tmp_path, signing_dir, 1, {"hostos": HOSTOS, "app": app(idle)})
     # revision 2's app has its own image (the web tree), so corrupting it spares revision 1
-    app2 = {**app("echo v2; " + idle), "rootfs": {"dir": str(DEMO / "build" / "web"), "all_root": True}}
+    app2 = {
+        **app("echo v2; " + idle),
+        "rootfs": {"dir": str(DEMO / "build" / "web"), "all_root": True},
+    }
     rev2 = build_revision(tmp_path, signing_dir, 2, {"hostos": HOSTOS, "app": app2})
     device = sandbox(rev1)
     device.wait_goals()
@@ -359,14 +486,18 @@ def test_unverifiable_revision_falls_back_to_an_older_one(
     assert "revision 2" in status["boot_error"] and "corrupt" in status["boot_error"]
 
 
-def test_no_runnable_revision_keeps_pid1_up(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+def test_no_runnable_revision_keeps_pid1_up(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
     rev = build_revision(tmp_path, signing_dir, 1, {"hostos": HOSTOS})
     device = sandbox(rev)
     device.wait_goals()
     device.stop()
     (device.storage / "trails" / "1" / "state.sig.json").write_text("{}")
     device.start()
-    status = device.wait_for("PID 1 up without containers", lambda s: s.get("boot_error") is not None)
+    status = device.wait_for(
+        "PID 1 up without containers", lambda s: s.get("boot_error") is not None
+    )
     assert status["revision"] is None and status["containers"] == []
     assert "state.sig.json" in status["boot_error"]
     time.sleep(1)
@@ -378,12 +509,19 @@ def test_failing_factory_revision_reports_error_and_runs_on(
     tmp_path: Path, sandbox: Any, signing_dir: Path
 ) -> None:
     idle = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
-    rev = build_revision(tmp_path, signing_dir, 1, {
-        "hostos": HOSTOS,
-        "fine": app(idle),
-        "broken": app("exit 2", restart={"policy": "on-failure", "max_retries": 1,
-                                         "backoff_initial_ms": "100ms"}),
-    })
+    rev = build_revision(
+        tmp_path,
+        signing_dir,
+        1,
+        {
+            "hostos": HOSTOS,
+            "fine": app(idle),
+            "broken": app(
+                "exit 2",
+                restart={"policy": "on-failure", "max_retries": 1, "backoff_initial_ms": "100ms"},
+            ),
+        },
+    )
     device = sandbox(rev)
     status = device.wait_for("the factory revision reported", lambda s: bool(s["updates"]))
     record = status["updates"][0]
@@ -394,25 +532,36 @@ def test_failing_factory_revision_reports_error_and_runs_on(
     assert fine["status"] == "STARTED"
 
 
-def test_signal_policy_and_clean_signal_mask(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+def test_signal_policy_and_clean_signal_mask(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
     # The app prints its signal mask and ignored set: PID 1's must not leak into it.
-    rev = build_revision(tmp_path, signing_dir, 1, {
-        "hostos": HOSTOS,
-        "sigs": app("grep -E '^Sig(Blk|Ign)' /proc/self/status; sleep 3600"),
-    })
+    rev = build_revision(
+        tmp_path,
+        signing_dir,
+        1,
+        {
+            "hostos": HOSTOS,
+            "sigs": app("grep -E '^Sig(Blk|Ign)' /proc/self/status; sleep 3600"),
+        },
+    )
     device = sandbox(rev, "--max-boots", "2")
     device.wait_goals()
     log = device.storage / "logs" / "sigs.log"
-    device.wait_for("the app's signal report", lambda _: "SigIgn" in (
-        log.read_text() if log.exists() else ""))
+    device.wait_for(
+        "the app's signal report", lambda _: "SigIgn" in (log.read_text() if log.exists() else "")
+    )
     masks = dict(line.split(":") for line in log.read_text().splitlines() if line.startswith("Sig"))
     assert int(masks["SigBlk"], 16) == 0
     # (the shell itself ignores nothing here; crun sets no handlers)
     assert int(masks["SigIgn"], 16) == 0
     # SIGTERM to PID 1 means reboot: the launcher boots a second time
     os.kill(device.pid1(), signal.SIGTERM)
-    device.wait_for("the second boot", lambda s: s["uptime"] < 5 and sum(
-        e.get("event") == "boot" for e in device.events()) == 2, timeout=60)
+    device.wait_for(
+        "the second boot",
+        lambda s: s["uptime"] < 5 and sum(e.get("event") == "boot" for e in device.events()) == 2,
+        timeout=60,
+    )
     device.wait_goals()
     # SIGUSR1 means halt: the sandbox ends (it was the last allowed boot anyway)
     os.kill(device.pid1(), signal.SIGUSR1)

@@ -109,7 +109,9 @@ def test_start_order_follows_groups_then_dependencies() -> None:
 
 
 def test_canonical_encoding() -> None:
-    assert canonical.encode({"b": 1, "a": [True, None, "é"]}) == '{"a":[true,null,"é"],"b":1}'.encode()
+    assert (
+        canonical.encode({"b": 1, "a": [True, None, "é"]}) == '{"a":[true,null,"é"],"b":1}'.encode()
+    )
     with pytest.raises(ManifestError, match="floats"):
         canonical.encode({"a": 1.5})
     assert canonical.is_canonical(b'{"a":1}')
@@ -152,20 +154,50 @@ DELETE = object()
         (["revision"], 0, "$.revision", "less than the minimum"),
         (["revision"], "7", "$.revision", "is not of type 'integer'"),
         (["#spec"], "pvpy-state@2", "$['#spec']", "was expected"),
-        (["containers", "web", "restart", "policy"], "sometimes", "$.containers.web.restart.policy", "is not one of"),
-        (["containers", "web", "rootfs", "sha256"], "../../etc/passwd", "$.containers.web.rootfs.sha256", "does not match"),
+        (
+            ["containers", "web", "restart", "policy"],
+            "sometimes",
+            "$.containers.web.restart.policy",
+            "is not one of",
+        ),
+        (
+            ["containers", "web", "rootfs", "sha256"],
+            "../../etc/passwd",
+            "$.containers.web.rootfs.sha256",
+            "does not match",
+        ),
         (["containers", "web", "args"], [], "$.containers.web.args", "should be non-empty"),
         (["containers", "web", "bogus"], 1, "$.containers.web", "Additional properties"),
         (["containers", "Bad Name"], {}, "$.containers", "does not match"),
-        (["containers", "web", "volumes", 0, "persistence"], "forever", "$.containers.web.volumes[0].persistence", "is not one of"),
-        (["containers", "web", "depends_on"], ["nope"], "$.containers.web.depends_on[0]", "unknown container"),
+        (
+            ["containers", "web", "volumes", 0, "persistence"],
+            "forever",
+            "$.containers.web.volumes[0].persistence",
+            "is not one of",
+        ),
+        (
+            ["containers", "web", "depends_on"],
+            ["nope"],
+            "$.containers.web.depends_on[0]",
+            "unknown container",
+        ),
         (["containers", "web", "depends_on"], ["web"], "$.containers.web.depends_on[0]", "itself"),
         (["containers", "web", "group"], "nogroup", "$.containers.web.group", "unknown group"),
         (["containers", "web", "readiness"], DELETE, "$.containers.web", "needs a readiness"),
         (["containers", "web", "readiness"], {"type": "tcp"}, "$.containers.web.readiness", "port"),
-        (["containers", "os", "depends_on"], ["web"], "$.containers.os.depends_on[0]", "starts after"),
+        (
+            ["containers", "os", "depends_on"],
+            ["web"],
+            "$.containers.os.depends_on[0]",
+            "starts after",
+        ),
         (["expires"], "tomorrow", "$.expires", "does not match"),
-        (["containers", "web", "cgroup", "memory_max"], 10, "$.containers.web.cgroup.memory_max", "less than the minimum"),
+        (
+            ["containers", "web", "cgroup", "memory_max"],
+            10,
+            "$.containers.web.cgroup.memory_max",
+            "less than the minimum",
+        ),
     ],
 )
 def test_validation_errors_name_path_and_reason(
@@ -198,8 +230,9 @@ def test_two_host_os_refused() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=30,
 )
 
@@ -223,7 +256,9 @@ def test_garbage_documents_give_a_clear_error(doc: Any) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(list(FULL["containers"]["web"])), json_values), max_size=3))
+@given(
+    st.lists(st.tuples(st.sampled_from(list(FULL["containers"]["web"])), json_values), max_size=3)
+)
 def test_mutated_containers_never_crash(changes: list[tuple[str, Any]]) -> None:
     doc = json.loads(json.dumps(FULL))
     for key, value in changes:

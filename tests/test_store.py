@@ -158,9 +158,19 @@ def test_full_disk_is_a_store_error_and_loses_nothing(tmp_path: Path) -> None:
         pytest.skip("needs root to mount a small tmpfs")
     # A private mount namespace: the tmpfs vanishes with the process.
     out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", FULL_DISK,
-         str(tmp_path)],
-        capture_output=True, text=True, check=True,
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            sys.executable,
+            "-c",
+            FULL_DISK,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "error: store object: no space left on device" in out
     assert "names: True tmp: []" in out

@@ -129,7 +129,9 @@ def test_unsigned_and_untrusted_are_rejected(tmp_path: Path, key: SigningKey) ->
         verify_revision_dir(rev, trust_of(key))
 
 
-def test_signature_with_a_trusted_keyid_but_other_key_is_bad(tmp_path: Path, key: SigningKey) -> None:
+def test_signature_with_a_trusted_keyid_but_other_key_is_bad(
+    tmp_path: Path, key: SigningKey
+) -> None:
     other = generate_key(tmp_path / "other")
     rev = write_revision(tmp_path / "rev", 3, [other])
     env = json.loads((rev / "state.sig.json").read_bytes())

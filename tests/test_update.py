@@ -13,6 +13,7 @@ import pytest
 
 from pvpy.device import update as up
 from pvpy.errors import (
+    DeviceError,
     ManifestError,
     ObjectCorruptError,
     ObjectMissingError,
@@ -46,7 +47,9 @@ def test_classify_app_only_changes() -> None:
 
 def test_classify_host_os_or_bsp_change_needs_reboot() -> None:
     old = state_with(os={"role": "host-os"}, a={})
-    assert up.classify(old, state_with(os={"role": "host-os", "args": ["z"]}, a={})).kind == "reboot"
+    assert (
+        up.classify(old, state_with(os={"role": "host-os", "args": ["z"]}, a={})).kind == "reboot"
+    )
     doc = old.to_dict()
     doc["bsp"] = {"kernel": {"sha256": "f" * 64, "size": 1}}
     assert up.classify(old, State.from_dict(doc)).why == "BSP changed"
@@ -66,20 +69,27 @@ def device_storage(tmp_path: Path, key: SigningKey) -> Storage:
     for obj in (rev / "objects").iterdir():
         if not obj.name.startswith("."):
             storage.objects.put_file(obj, expected=obj.name)
-    storage.install_revision(5, (rev / "state.json").read_bytes(), (rev / "state.sig.json").read_bytes())
+    storage.install_revision(
+        5, (rev / "state.json").read_bytes(), (rev / "state.sig.json").read_bytes()
+    )
     return storage
 
 
 def snapshot(storage: Storage) -> tuple[set[str], list[int], list[str]]:
-    return (set(storage.objects.names()), storage.revisions(),
-            sorted(p.name for p in storage.objects.tmp.iterdir()))
+    return (
+        set(storage.objects.names()),
+        storage.revisions(),
+        sorted(p.name for p in storage.objects.tmp.iterdir()),
+    )
 
 
 def trust_of(key: SigningKey) -> TrustStore:
     return TrustStore.from_public_keys([key.raw_public])
 
 
-def test_stage_installs_a_good_revision(tmp_path: Path, key: SigningKey, device_storage: Storage) -> None:
+def test_stage_installs_a_good_revision(
+    tmp_path: Path, key: SigningKey, device_storage: Storage
+) -> None:
     rev = write_revision(tmp_path / "r6", 6, [key], blobs={"app": b"new app", "db": b"new db"})
     state = up.stage(device_storage.root, rev, trust_of(key))
     assert state.revision == 6 and device_storage.revisions() == [5, 6]
@@ -88,8 +98,10 @@ def test_stage_installs_a_good_revision(tmp_path: Path, key: SigningKey, device_
     assert up.read_progress(device_storage.root, 6).status == up.INPROGRESS  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("attack", ["bad-signature", "unknown-key", "replay", "schema",
-                                    "missing-object", "corrupt-object"])
+@pytest.mark.parametrize(
+    "attack",
+    ["bad-signature", "unknown-key", "replay", "schema", "missing-object", "corrupt-object"],
+)
 def test_refused_updates_leave_nothing_behind(
     tmp_path: Path, key: SigningKey, device_storage: Storage, attack: str
 ) -> None:
@@ -99,7 +111,7 @@ def test_refused_updates_leave_nothing_behind(
     if attack == "bad-signature":
         rev = write_revision(tmp_path / "r", 6, [key], blobs=blobs)
         data = bytearray((rev / "state.json").read_bytes())
-        data[data.index(b'"revision":6')+11] = ord("7")  # signed 6, now says 7
+        data[data.index(b'"revision":6') + 11] = ord("7")  # signed 6, now says 7
         (rev / "state.json").write_bytes(bytes(data))
         expected = SignatureError
     elif attack == "unknown-key":
@@ -117,8 +129,11 @@ def test_refused_updates_leave_nothing_behind(
         expected = ManifestError
     else:
         rev = write_revision(tmp_path / "r", 6, [key], blobs=blobs)
-        victim = next(p for p in sorted((rev / "objects").iterdir())
-                      if not p.name.startswith(".") and p.stat().st_size > 100)
+        victim = next(
+            p
+            for p in sorted((rev / "objects").iterdir())
+            if not p.name.startswith(".") and p.stat().st_size > 100
+        )
         if attack == "missing-object":
             victim.unlink()
             expected = ObjectMissingError
@@ -135,6 +150,50 @@ def test_refused_updates_leave_nothing_behind(
         assert record is None
     else:
         assert record is not None and record.status == up.WONTGO and record.reason
+
+
+def test_a_bug_while_verifying_is_a_bug_not_a_refused_revision(
+    tmp_path: Path, key: SigningKey, device_storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only pvpy errors are recorded WONTGO: a bug (here a RuntimeError in the
+    signature check) propagates, and the revision's number is not marked refused."""
+    import pvpy.trust
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in verification")
+
+    before = snapshot(device_storage)
+    rev = write_revision(tmp_path / "r6", 6, [key], blobs={"app": b"new app"})
+    monkeypatch.setattr(pvpy.trust, "verify_revision", broken)
+    with pytest.raises(RuntimeError, match="a bug in verification"):
+        up.stage(device_storage.root, rev, trust_of(key))
+    assert up.read_progress(device_storage.root, 6) is None
+    assert snapshot(device_storage) == before
+
+
+def test_pid1_refusing_is_wontgo_but_a_bug_in_the_hand_over_is_not(
+    tmp_path: Path, key: SigningKey, device_storage: Storage
+) -> None:
+    rev = write_revision(tmp_path / "r6", 6, [key], blobs={"app": b"new app"})
+    up.stage(device_storage.root, rev, trust_of(key))
+
+    def bug(message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        raise KeyError("cmd")
+
+    with pytest.raises(KeyError):
+        up.hand_to_pid1(device_storage, 6, bug)
+    record = up.read_progress(device_storage.root, 6)
+    assert record is not None and record.status == up.INPROGRESS  # not WONTGO
+    assert device_storage.has_revision(6)
+
+    def refuses(message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        raise DeviceError("update in progress")
+
+    with pytest.raises(DeviceError):
+        up.hand_to_pid1(device_storage, 6, refuses)
+    record = up.read_progress(device_storage.root, 6)
+    assert record is not None and record.status == up.WONTGO
+    assert not device_storage.has_revision(6)  # offered again once the device is ready
 
 
 DISK_FULL = """
@@ -159,15 +218,29 @@ print("trails:", storage.revisions())
 
 
 @pytest.mark.root
-def test_disk_full_while_staging_is_error_and_cleaned(tmp_path: Path, key: SigningKey, key_dir: Path) -> None:
+def test_disk_full_while_staging_is_error_and_cleaned(
+    tmp_path: Path, key: SigningKey, key_dir: Path
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs")
     rev = write_revision(tmp_path / "r", 6, [key], blobs={"big": os.urandom(3 << 20)})
     (tmp_path / "storage").mkdir()
     out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", DISK_FULL,
-         str(tmp_path), str(rev), str(key_dir / "pvpy.pub")],
-        capture_output=True, text=True, check=True,
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            sys.executable,
+            "-c",
+            DISK_FULL,
+            str(tmp_path),
+            str(rev),
+            str(key_dir / "pvpy.pub"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "error: store object: no space left on device" in out
     assert "progress: ERROR" in out
@@ -185,25 +258,52 @@ def test_highest_revision_counts_committed_records(device_storage: Storage) -> N
 # -- in the sandbox ------------------------------------------------------------------
 
 
-
 def revisions(tmp_path: Path, keys: Path) -> dict[str, Path]:
-    data = {"rootfs": {"dir": str(Path(HOSTOS["rootfs"]["dir"]).parent / "hello"), "all_root": True},
-            "args": ["/usr/bin/hello"],
-            "volumes": [{"name": "data", "target": "/data", "persistence": "permanent"}]}
+    data = {
+        "rootfs": {"dir": str(Path(HOSTOS["rootfs"]["dir"]).parent / "hello"), "all_root": True},
+        "args": ["/usr/bin/hello"],
+        "volumes": [{"name": "data", "target": "/data", "persistence": "permanent"}],
+    }
     base = {"hostos": HOSTOS, "steady": app(IDLE), "counter": data}
     return {
         "v1": build_revision(tmp_path, keys, 1, {**base, "web": app("echo v1; " + IDLE)}),
-        "v2": build_revision(tmp_path, keys, 2, {
-            **base, "web": variant(tmp_path, "v2", "echo v2; " + IDLE)}),
-        "crash": build_revision(tmp_path, keys, 3, {**base, "web": variant(
-            tmp_path, "crash", "exit 1", restart={"policy": "always",
-                                                  "backoff_initial_ms": "100ms"})}),
-        "bsp": build_revision(tmp_path, keys, 4, {
-            **base, "hostos": {**HOSTOS, "args": ["/sbin/init", "new"]},
-            "web": variant(tmp_path, "v4", "echo v4; " + IDLE)}),
-        "badbsp": build_revision(tmp_path, keys, 5, {
-            **base, "hostos": {**HOSTOS, "args": ["/bin/sh", "-c", "exit 7"]},
-            "web": variant(tmp_path, "v5", "echo v5; " + IDLE)}),
+        "v2": build_revision(
+            tmp_path, keys, 2, {**base, "web": variant(tmp_path, "v2", "echo v2; " + IDLE)}
+        ),
+        "crash": build_revision(
+            tmp_path,
+            keys,
+            3,
+            {
+                **base,
+                "web": variant(
+                    tmp_path,
+                    "crash",
+                    "exit 1",
+                    restart={"policy": "always", "backoff_initial_ms": "100ms"},
+                ),
+            },
+        ),
+        "bsp": build_revision(
+            tmp_path,
+            keys,
+            4,
+            {
+                **base,
+                "hostos": {**HOSTOS, "args": ["/sbin/init", "new"]},
+                "web": variant(tmp_path, "v4", "echo v4; " + IDLE),
+            },
+        ),
+        "badbsp": build_revision(
+            tmp_path,
+            keys,
+            5,
+            {
+                **base,
+                "hostos": {**HOSTOS, "args": ["/bin/sh", "-c", "exit 7"]},
+                "web": variant(tmp_path, "v5", "echo v5; " + IDLE),
+            },
+        ),
     }
 
 
@@ -212,7 +312,9 @@ def pids(status: dict[str, Any]) -> dict[str, int]:
 
 
 @pytest.mark.root
-def test_app_update_rollback_and_reboot_update(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+def test_app_update_rollback_and_reboot_update(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
     revs = revisions(tmp_path, signing_dir)
     device = sandbox(revs["v1"], *COMMIT)
     before = pids(device.wait_goals())
@@ -224,15 +326,20 @@ def test_app_update_rollback_and_reboot_update(tmp_path: Path, sandbox: Any, sig
     assert after["revision"] == 2 and after["committed"] == 2
     now = pids(after)
     assert now["web"] != before["web"]
-    assert {k: v for k, v in now.items() if k != "web"} == {k: v for k, v in before.items() if k != "web"}
+    assert {k: v for k, v in now.items() if k != "web"} == {
+        k: v for k, v in before.items() if k != "web"
+    }
 
     # a crash-looping app: rolled back without a reboot, reported ERROR
-    result = pvpy("device", "update", revs["crash"], "--storage", device.storage, check=False, timeout=90)
+    result = pvpy(
+        "device", "update", revs["crash"], "--storage", device.storage, check=False, timeout=90
+    )
     assert result.returncode == 3 and "ERROR rolled back: web exited" in result.stdout
     back = device.wait_for("v2 back", lambda s: s["updating"] is None and s["all_goals_met"])
     assert back["revision"] == 2 and back["committed"] == 2
     assert {k: v for k, v in pids(back).items() if k != "web"} == {
-        k: v for k, v in now.items() if k != "web"}
+        k: v for k, v in now.items() if k != "web"
+    }
 
     # an older revision: refused, nothing changes
     result = pvpy("device", "update", revs["v1"], "--storage", device.storage, check=False)
@@ -247,8 +354,9 @@ def test_app_update_rollback_and_reboot_update(tmp_path: Path, sandbox: Any, sig
     assert [e.get("event") for e in device.events()].count("reboot") >= 1
 
     # a host OS that dies in its try boot: back on 4, 5 reported ERROR
-    result = pvpy("device", "update", revs["badbsp"], "--storage", device.storage, check=False,
-                  timeout=120)
+    result = pvpy(
+        "device", "update", revs["badbsp"], "--storage", device.storage, check=False, timeout=120
+    )
     assert result.returncode == 3 and "ERROR" in result.stdout
     final = device.wait_goals()
     assert final["revision"] == 4 and final["committed"] == 4 and final["try"] is None
@@ -271,6 +379,11 @@ def test_boot_counting_abandons_a_try_after_n_boots(tmp_path: Path) -> None:
     env = open_bootenv(f"file:{tmp_path / 'bootenv'}")
     env.write({"pv_rev": "3", "pv_try": "4"})
     choices = [choose_boot(env, max_tries=3) for _ in range(4)]
-    assert [(c.revision, c.trying) for c in choices] == [(4, True), (4, True), (4, True), (3, False)]
+    assert [(c.revision, c.trying) for c in choices] == [
+        (4, True),
+        (4, True),
+        (4, True),
+        (3, False),
+    ]
     assert choices[-1].failed_try == 4
     assert env.read()["pv_bootcount"] == "3"

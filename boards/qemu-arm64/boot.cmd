@@ -1,5 +1,6 @@
 # pvpy boot script for qemu-arm64 (U-Boot 2023.01, Debian u-boot-qemu). mkimage -T script.
-# pvpy/image.py writes it to /boot.scr of the storage partition.
+# pvpy image build (pvpy/workstation/image/revision.py) writes it to /boot.scr of the
+# storage partition.
 #
 # Disk: p1 = storage (ext4): /bootenv (pvpy's file boot env: pv_rev, pv_try; written
 # only by pvpy, atomically), /trails/<rev>/boot.env (pv_kernel, pv_initrd, pv_cmdline:

@@ -1,7 +1,7 @@
 """Thin ctypes wrappers for the Linux calls Python 3.11's os module lacks.
 
-unshare(2), setns(2), mount(2), umount2(2), reboot(2) (also with an argument),
-prctl(PR_SET_CHILD_SUBREAPER), finit_module(2).
+unshare(2), mount(2), umount2(2), reboot(2) (also with an argument),
+prctl(PR_SET_PDEATHSIG), finit_module(2), inotify(7).
 Each raises OSError with errno, like the os module does.
 """
 
@@ -47,7 +47,6 @@ MS_MOVE = 8192
 SYS_FINIT_MODULE = {"aarch64": 273, "x86_64": 313, "armv7l": 379, "riscv64": 273}
 
 PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 
 
 @cache
@@ -63,10 +62,6 @@ def _check(result: int, what: str) -> None:
 
 def unshare(flags: int) -> None:
     _check(_libc().unshare(ctypes.c_int(flags)), "unshare")
-
-
-def setns(fd: int, nstype: int = 0) -> None:
-    _check(_libc().setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str = "") -> None:
@@ -109,10 +104,6 @@ def finit_module(fd: int, params: str = "") -> None:
     libc = _libc()
     _check(libc.syscall(ctypes.c_long(number), ctypes.c_int(fd), params.encode(),
                         ctypes.c_int(0)), "finit_module")  # fmt: skip
-
-
-def set_child_subreaper() -> None:
-    _check(_libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl")
 
 
 def set_parent_death_signal(signum: int) -> None:

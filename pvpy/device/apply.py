@@ -6,21 +6,25 @@ its loop: verify N in a child, classify against what runs, then either
 switch the changed containers (app-only) or write ``pv_try`` and reboot;
 TESTING until every goal held for the commit delay; commit (``pv_rev``) or
 roll back. Every boot reconciles the records a power cut left half way.
-The ``Init`` it belongs to gives it the storage, the boot environment, the
-supervisor, and the ways to verify, reboot and reach the running revision.
+PID 1 gives it the storage, the boot environment, the supervisor, the boot
+facts, and the ways to verify, reboot and set the running revision: exactly
+``ApplyHost`` (``pvpy.device._apply_host``), nothing else of PID 1.
 """
 
 from __future__ import annotations
 
 import time
 
+from pvpy import bootvars
+from pvpy.bootvars import BootVars
 from pvpy.log import get_logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
 if TYPE_CHECKING:
     from typing import Any
 
-    from pvpy.device.pid1 import Init
+    from pvpy.device._apply_host import ApplyHost
+    from pvpy.device.supervisor import Supervisor
 
 log = get_logger("apply")
 
@@ -41,8 +45,8 @@ class UpdateRun:
 class Applier:
     """Drives the update under way (at most one) for PID 1."""
 
-    def __init__(self, init: Init) -> None:
-        self.init = init
+    def __init__(self, host: ApplyHost) -> None:
+        self.host = host
         self.update: UpdateRun | None = None
         self.health_reported = False
 
@@ -54,54 +58,32 @@ class Applier:
         u = self.update
         return u is not None and u.kind == KIND_REBOOT and u.phase == "testing"
 
-    def reconcile(self, booted: int | None) -> None:
-        """Make every update record tell the truth after a (re)boot.
+    def _running(self) -> Supervisor:
+        sup = self.host.supervisor
+        if sup is None:
+            raise RuntimeError("an update is under way but no revision runs")
+        return sup
 
-        A try that did not commit is ERROR (and pv_try cleared, after the
-        failure is recorded); a committed revision whose record a power cut
-        left unfinished is DONE/UPDATED; anything else left half-way was
-        interrupted: ERROR. A try we are booting now goes to TESTING.
-        """
+    def next_deadline(self) -> float | None:
+        """When ``check`` must run although nothing else happens: the commit delay
+        or the commit timeout running out (PID 1's loop sleeps until then)."""
+        u, sup = self.update, self.host.supervisor
+        if u is None or u.phase != "testing" or sup is None or self.host.shutdown_pending:
+            return None
+        if u.goals_met_at is not None:
+            return u.goals_met_at + self.host.commit_delay
+        if sup.all_goals_met():
+            return time.monotonic()  # met since the last check: start the commit delay now
+        return u.testing_since + self.host.commit_timeout
+
+    def reconcile(self, booted: int | None) -> None:
+        """Make every update record tell the truth after a (re)boot (see
+        ``reconcile_records``); a try we are booting now goes to TESTING."""
         from pvpy.device import update as up
 
-        env = self.init.bootenv.read()
-        committed = int(env["pv_rev"]) if env.get("pv_rev", "").isdigit() else None
-        trying = self.init.args.boot_revision if self.init.args.trying else None
-        failed_try = self.init.args.failed_try
-        reason = (self.init.failed_try_reason
-                  or "did not commit; rolled back to the last good revision")  # fmt: skip
-        if trying is not None and booted != trying:
-            failed_try = trying  # it would not even verify: we booted another one
-        pending = int(env["pv_try"]) if env.get("pv_try", "").isdigit() else None
-        if failed_try is None and pending is not None and pending not in (committed, trying):
-            # A try the bootloader never booted (a plain reboot, or one that could
-            # not carry the try): running the last good revision, the try is over.
-            failed_try = pending
-            reason = self.init.failed_try_reason or (
-                "the bootloader did not boot it; running the last good revision"
-            )
-        if failed_try is not None:
-            record = up.read_progress(self.init.storage, failed_try)
-            if record is None or record.status != up.ERROR:
-                up.write_progress(self.init.storage, failed_try, up.ERROR, reason,
-                                  kind=up.KIND_REBOOT)  # fmt: skip
-            self.init.bootenv.write({"pv_try": None, "pv_trying": None, "pv_bootcount": None})
-        for record in up.all_progress(self.init.storage):
-            if record.status in up.FINAL:
-                continue
-            if record.revision == trying and booted == trying:
-                continue
-            if record.revision == committed:
-                done = up.UPDATED if record.kind == up.KIND_APP else up.DONE
-                up.write_progress(self.init.storage, record.revision, done, "committed", 100,
-                                  kind=record.kind)  # fmt: skip
-            else:
-                reason = f"interrupted while {record.status}"
-                up.write_progress(
-                    self.init.storage, record.revision, up.ERROR, reason, kind=record.kind
-                )
-        if trying is not None and booted == trying:
-            up.write_progress(self.init.storage, trying, up.TESTING, "booted the try revision",
+        trying = reconcile_records(self.host, booted)
+        if trying is not None:
+            up.write_progress(self.host.storage, trying, up.TESTING, "booted the try revision",
                               kind=up.KIND_REBOOT)  # fmt: skip
             up.persist_point("reboot:testing")
             self.update = UpdateRun(trying, up.KIND_REBOOT, "testing")
@@ -109,21 +91,21 @@ class Applier:
 
     def begin(self, revision: int) -> dict[str, Any]:
         """Apply an installed (staged) revision: verify it in a child first; the rest
-        happens in ``update_verified`` when that child exits."""
+        happens in ``verified`` when that child exits."""
         from pvpy.store import Storage
 
         if self.update is not None:
             return {"ok": False, "error": f"update to {self.update.revision} in progress"}
-        if self.init.pending is not None or self.init.supervisor is None:
+        if self.host.shutdown_pending or self.host.supervisor is None:
             return {"ok": False, "error": "device is not running a revision"}
-        if not Storage(self.init.storage).has_revision(revision):
+        if not Storage(self.host.storage).has_revision(revision):
             return {"ok": False, "error": f"revision {revision} is not installed"}
         from pvpy.device import update as up
 
         # a fresh record: a rollback re-applies a revision whose old record is final
-        up.write_progress(self.init.storage, revision, up.INPROGRESS, "verifying before applying")
+        up.write_progress(self.host.storage, revision, up.INPROGRESS, "verifying before applying")
         self.update = UpdateRun(revision, "", "verifying")
-        self.init.start_verify(revision, self.verified)
+        self.host.start_verify(revision, self.verified)
         return {"ok": True, "accepted": revision}
 
     def verified(self, revision: int, problem: str | None) -> None:
@@ -135,32 +117,33 @@ class Applier:
 
         self.update = None
         if problem is not None:
-            up.write_progress(self.init.storage, revision, up.WONTGO, problem)
+            up.write_progress(self.host.storage, revision, up.WONTGO, problem)
             return
-        if self.init.pending is not None or self.init.supervisor is None:
-            up.write_progress(self.init.storage, revision, up.ERROR, "device went down before it")
+        sup = self.host.supervisor
+        if self.host.shutdown_pending or sup is None:
+            up.write_progress(self.host.storage, revision, up.ERROR, "device went down before it")
             return
-        state_bytes, _ = Storage(self.init.storage).read_trail(revision)
+        state_bytes, _ = Storage(self.host.storage).read_trail(revision)
         new_state = State.from_dict(canonical.decode(state_bytes))
-        change = up.classify(self.init.supervisor.state, new_state)
+        change = up.classify(sup.state, new_state)
         if change.kind == up.KIND_REBOOT:
-            if self.init.bootenv.writes_try_partition():
+            if self.host.bootenv.writes_try_partition():
                 # The Pi's firmware boots files, not the storage: they go to the try
                 # boot partition first (a child does it), pv_try only after that.
-                up.write_progress(self.init.storage, revision, up.INPROGRESS,
+                up.write_progress(self.host.storage, revision, up.INPROGRESS,
                                   f"{change.why}: writing the try boot partition",
                                   kind=up.KIND_REBOOT)  # fmt: skip
                 self.update = UpdateRun(revision, up.KIND_REBOOT, "writing")
-                self.init.start_write_boot(revision, self.boot_written)
+                self.host.start_write_boot(revision, self.boot_written)
                 return
             self.try_boot(revision, change.why)
             return
         restart = set(change.changed) | set(change.removed)
-        up.write_progress(self.init.storage, revision, up.INPROGRESS,
+        up.write_progress(self.host.storage, revision, up.INPROGRESS,
                           f"restarting {sorted(restart | set(change.added))}",
                           kind=up.KIND_APP)  # fmt: skip
-        self.update = UpdateRun(revision, up.KIND_APP, "switching", self.init.supervisor.state)
-        self.init.supervisor.switch(new_state, restart)
+        self.update = UpdateRun(revision, up.KIND_APP, "switching", sup.state)
+        sup.switch(new_state, restart)
 
     def boot_written(self, revision: int, problem: str | None) -> None:
         """The try boot partition is written (or not): set pv_try and try-boot."""
@@ -168,12 +151,12 @@ class Applier:
 
         self.update = None
         if problem is not None:
-            up.write_progress(self.init.storage, revision, up.ERROR,
+            up.write_progress(self.host.storage, revision, up.ERROR,
                               f"cannot write the try boot partition: {problem}",
                               kind=up.KIND_REBOOT)  # fmt: skip
             return
-        if self.init.pending is not None:
-            up.write_progress(self.init.storage, revision, up.ERROR,
+        if self.host.shutdown_pending:
+            up.write_progress(self.host.storage, revision, up.ERROR,
                               "device went down before it", kind=up.KIND_REBOOT)  # fmt: skip
             return
         self.try_boot(revision, "boot partition written")
@@ -183,26 +166,26 @@ class Applier:
         argument when it has one (the Pi's "0 tryboot")."""
         from pvpy.device import update as up
 
-        up.write_progress(self.init.storage, revision, up.INPROGRESS,
+        up.write_progress(self.host.storage, revision, up.INPROGRESS,
                           f"{why}: rebooting into it", kind=up.KIND_REBOOT)  # fmt: skip
-        self.init.bootenv.write({"pv_try": str(revision), "pv_trying": None, "pv_bootcount": "0"})
+        self.host.bootenv.write(bootvars.start_try(revision))
         up.persist_point("reboot:try")
-        argument = self.init.bootenv.try_reboot_argument()
-        self.init.request("reboot", f"update to revision {revision}", argument)
+        argument = self.host.bootenv.try_reboot_argument()
+        self.host.request("reboot", f"update to revision {revision}", argument)
 
     def check(self, now: float) -> None:
         """Drive the update under way: switching -> testing -> commit or roll back."""
         from pvpy.device import update as up
 
-        u, sup = self.update, self.init.supervisor
-        if u is None or sup is None or self.init.pending is not None:
+        u, sup = self.update, self.host.supervisor
+        if u is None or sup is None or self.host.shutdown_pending:
             return
         if u.phase == "switching" and sup.pending_switch is None:
             up.persist_point("app:switched")
             u.phase = "testing"
             u.testing_since = now
             u.restarts = {n: m.total_restarts for n, m in sup.containers.items()}
-            up.write_progress(self.init.storage, u.revision, up.TESTING, "waiting for goals",
+            up.write_progress(self.host.storage, u.revision, up.TESTING, "waiting for goals",
                               kind=u.kind)  # fmt: skip
             return
         if u.phase == "rollback" and sup.pending_switch is None:
@@ -224,14 +207,14 @@ class Applier:
         if failure is None and sup.all_goals_met():
             if u.goals_met_at is None:
                 u.goals_met_at = now
-                log.info("all goals met; commit after delay", delay=self.init.args.commit_delay)
-            if now - u.goals_met_at >= self.init.args.commit_delay:
+                log.info("all goals met; commit after delay", delay=self.host.commit_delay)
+            if now - u.goals_met_at >= self.host.commit_delay:
                 self.commit(u)
                 return
         elif failure is None:
             u.goals_met_at = None
-            if now - u.testing_since > self.init.args.commit_timeout:
-                failure = f"goals not met within {self.init.args.commit_timeout:g}s"
+            if now - u.testing_since > self.host.commit_timeout:
+                failure = f"goals not met within {self.host.commit_timeout:g}s"
         if failure is not None:
             self.fail(u, failure)
 
@@ -242,18 +225,20 @@ class Applier:
         """
         from pvpy.device import update as up
 
-        sup = self.init.supervisor
-        if self.health_reported or sup is None or self.update is not None or self.init.pending:
+        sup, running = self.host.supervisor, self.host.revision
+        if self.health_reported or sup is None or self.update is not None:
             return
-        if sup.group_index < len(sup.groups) or self.init.revision is None:
+        if self.host.shutdown_pending:
+            return
+        if sup.group_index < len(sup.groups) or running is None:
             return  # still starting
         failed = [n for n, m in sup.containers.items() if m.status == "FAILED"]
         if not failed and not sup.goals_missed:
             return
         self.health_reported = True
-        if up.read_progress(self.init.storage, self.init.revision) is None:
+        if up.read_progress(self.host.storage, running) is None:
             up.write_progress(
-                self.init.storage, self.init.revision, up.ERROR,
+                self.host.storage, running, up.ERROR,
                 f"factory revision failing (failed: {failed}, goals missed: {sup.goals_missed});"
                 " nothing older to roll back to, keeps running",
             )  # fmt: skip
@@ -261,80 +246,126 @@ class Applier:
     def commit(self, u: UpdateRun) -> None:
         from pvpy.device import update as up
 
+        # One batch for both kinds. An app update used to write pv_rev alone; the try
+        # variables the batch also clears are unset then (``begin`` refuses while a
+        # try is testing, ``reconcile`` cleared any other), so the effect is the same.
+        self.host.bootenv.write(bootvars.commit(u.revision))
         if u.kind == up.KIND_APP:
-            self.init.bootenv.write({"pv_rev": str(u.revision)})
             up.persist_point("app:commit")
             up.write_progress(
-                self.init.storage, u.revision, up.UPDATED, "committed", 100, kind=u.kind
+                self.host.storage, u.revision, up.UPDATED, "committed", 100, kind=u.kind
             )
         else:
-            self.init.bootenv.write(
-                {"pv_rev": str(u.revision), "pv_try": None, "pv_trying": None,
-                 "pv_bootcount": None}
-            )  # fmt: skip
             up.persist_point("reboot:commit")
-            up.write_progress(self.init.storage, u.revision, up.DONE, "committed", 100, kind=u.kind)
-        self.init.revision = u.revision
+            up.write_progress(self.host.storage, u.revision, up.DONE, "committed", 100, kind=u.kind)
+        self.host.set_revision(u.revision)
         self.update = None
-        self.collect_garbage()
+        collect_garbage(self.host)
 
     def fail(self, u: UpdateRun, reason: str) -> None:
         from pvpy.device import update as up
 
         log.error("update failed; rolling back", revision=u.revision, reason=reason)
-        up.write_progress(self.init.storage, u.revision, up.ERROR, f"rolled back: {reason}",
+        up.write_progress(self.host.storage, u.revision, up.ERROR, f"rolled back: {reason}",
                           kind=u.kind)  # fmt: skip
         if u.kind == up.KIND_APP:
             up.persist_point("app:rollback")
-            change = up.classify(u.old_state, self.init.supervisor.state)
+            sup = self._running()
+            change = up.classify(u.old_state, sup.state)
             u.phase = "rollback"
-            self.init.supervisor.switch(
-                u.old_state, set(change.changed) | set(change.removed) | set(change.added)
-            )
+            sup.switch(u.old_state, set(change.changed) | set(change.removed) | set(change.added))
             return
         up.persist_point("reboot:rollback")
         # Record first, then clear the try: a cut in between still ends in ERROR.
-        self.init.bootenv.write({"pv_try": None, "pv_trying": None, "pv_bootcount": None})
+        self.host.bootenv.write(bootvars.clear_try())
         self.update = None
-        self.init.request("reboot", f"revision {u.revision} failed testing")
+        self.host.request("reboot", f"revision {u.revision} failed testing")
 
     def rollback(self) -> dict[str, Any]:
         """Go back to the newest good revision older than the running one."""
         from pvpy.device import update as up
         from pvpy.store import Storage
 
-        if self.init.revision is None:
+        running = self.host.revision
+        if running is None:
             return {"ok": False, "error": "device is not running a revision"}
-        older = up.good_revisions_below(Storage(self.init.storage), self.init.revision)
+        older = up.good_revisions_below(Storage(self.host.storage), running)
         if not older:
             return {"ok": False, "error": "no older good revision is installed"}
         reply = self.begin(max(older))
         return {**reply, "revision": max(older)}
 
-    def pinned(self) -> set[int]:
-        """Revisions GC must keep: last good, try, running, and the good one before."""
-        from pvpy.device import update as up
-        from pvpy.store import Storage
 
-        env = self.init.bootenv.read() if self.init.bootenv else {}
-        pins = {int(v) for k in ("pv_rev", "pv_try") if (v := env.get(k, "")).isdigit()}
-        if self.init.revision is not None:
-            pins.add(self.init.revision)
-        older = up.good_revisions_below(Storage(self.init.storage), max(pins, default=0))
-        if older:
-            pins.add(max(older))
-        return pins
+def reconcile_records(host: ApplyHost, booted: int | None) -> int | None:
+    """The update records after a (re)boot; returns the try being booted now, if any.
 
-    def collect_garbage(self) -> None:
-        from pvpy.device import update as up
-        from pvpy.store import Storage
+    A try that did not commit is ERROR (and pv_try cleared, after the
+    failure is recorded); a committed revision whose record a power cut
+    left unfinished is DONE/UPDATED; anything else left half-way was
+    interrupted: ERROR. The record of the try booted now is left to the caller.
+    """
+    from pvpy.device import update as up
 
-        try:
-            result = Storage(self.init.storage).gc(self.pinned())
-            log.info("garbage collected", revisions=result.removed_revisions,
-                     objects=len(result.removed_objects), freed=result.freed_bytes)  # fmt: skip
-            up.persist_point("gc:done")
-        except Exception as e:
-            log.warning("gc failed; nothing removed", error=str(e))
+    env = BootVars.parse(host.bootenv.read())
+    committed = env.rev
+    trying = host.boot_revision if host.boot_trying else None
+    failed_try = host.failed_try
+    reason = (host.failed_try_reason
+              or "did not commit; rolled back to the last good revision")  # fmt: skip
+    if trying is not None and booted != trying:
+        failed_try = trying  # it would not even verify: we booted another one
+    pending = env.try_rev
+    if failed_try is None and pending is not None and pending not in (committed, trying):
+        # A try the bootloader never booted (a plain reboot, or one that could
+        # not carry the try): running the last good revision, the try is over.
+        failed_try = pending
+        reason = host.failed_try_reason or (
+            "the bootloader did not boot it; running the last good revision"
+        )
+    if failed_try is not None:
+        record = up.read_progress(host.storage, failed_try)
+        if record is None or record.status != up.ERROR:
+            up.write_progress(host.storage, failed_try, up.ERROR, reason,
+                              kind=up.KIND_REBOOT)  # fmt: skip
+        host.bootenv.write(bootvars.clear_try())
+    for record in up.all_progress(host.storage):
+        if record.status in up.FINAL:
+            continue
+        if record.revision == trying and booted == trying:
+            continue
+        if record.revision == committed:
+            done = up.UPDATED if record.kind == up.KIND_APP else up.DONE
+            up.write_progress(host.storage, record.revision, done, "committed", 100,
+                              kind=record.kind)  # fmt: skip
+        else:
+            reason = f"interrupted while {record.status}"
+            up.write_progress(host.storage, record.revision, up.ERROR, reason, kind=record.kind)
+    return trying if trying is not None and booted == trying else None
 
-    # -- control socket --------------------------------------------------------------
+
+def pinned_revisions(host: ApplyHost) -> set[int]:
+    """Revisions GC must keep: last good, try, running, and the good one before."""
+    from pvpy.device import update as up
+    from pvpy.store import Storage
+
+    env = BootVars.parse(host.bootenv.read())
+    pins = {r for r in (env.rev, env.try_rev) if r is not None}
+    if host.revision is not None:
+        pins.add(host.revision)
+    older = up.good_revisions_below(Storage(host.storage), max(pins, default=0))
+    if older:
+        pins.add(max(older))
+    return pins
+
+
+def collect_garbage(host: ApplyHost) -> None:
+    from pvpy.device import update as up
+    from pvpy.store import Storage
+
+    try:
+        result = Storage(host.storage).gc(pinned_revisions(host))
+        log.info("garbage collected", revisions=result.removed_revisions,
+                 objects=len(result.removed_objects), freed=result.freed_bytes)  # fmt: skip
+        up.persist_point("gc:done")
+    except Exception as e:
+        log.warning("gc failed; nothing removed", error=str(e))

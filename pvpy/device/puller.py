@@ -1,5 +1,9 @@
 """`pvpy device pull`: the device's registry puller (see ``pvpy.oci`` for the format and the
-trust argument). Its own process, kept alive by PID 1; never PID 1."""
+trust argument). Its own process, kept alive by PID 1; never PID 1.
+
+Only pvpy errors become outcomes (and WONTGO records); anything else is a bug
+and ends the process with its traceback (PID 1 restarts it).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from pvpy import control, paths
 from pvpy.device import update as up
 from pvpy.errors import (
+    EXIT_REFUSED,
     DeviceError,
     ManifestError,
     ObjectMissingError,
     PvpyError,
     RegistryError,
     TrustError,
+    exit_code_of_kind,
 )
 from pvpy.log import get_logger
 from pvpy.oci import (
@@ -52,8 +59,8 @@ class Outcome:
         if self.what in ("unchanged", "nothing new", up.UPDATED, up.DONE):
             return 0
         if self.what in ("refused", "failed", up.WONTGO, up.ERROR):
-            return 3
-        return 10  # busy, unreachable, still going
+            return EXIT_REFUSED
+        return exit_code_of_kind("device")  # busy, unreachable, still going
 
     def __str__(self) -> str:
         rev = f"revision {self.revision}: " if self.revision is not None else ""
@@ -75,12 +82,8 @@ class Puller:
     last: str = ""  # the last outcome logged
 
     def control(self, request: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
-        from pvpy import control
-
-        reply = control.request(self.run_dir / "control.sock", request, timeout)
-        if not reply.get("ok"):
-            raise DeviceError(str(reply.get("error")))
-        return reply
+        """PID 1's reply. Raises DeviceError (no answer, or PID 1 says no)."""
+        return control.call(paths.control_socket(self.run_dir), request, timeout)
 
     def poll(self) -> Outcome:
         """One round: device idle? → tag → manifest → state → verify → objects → apply.
@@ -162,7 +165,7 @@ class Puller:
     def apply(self, revision: int, digest: str) -> Outcome:
         try:
             reply = up.hand_to_pid1(self.storage, revision, self.control, APPLY_TIMEOUT)
-        except Exception as e:  # recorded WONTGO by hand_to_pid1; the number can come again
+        except PvpyError as e:  # recorded WONTGO by hand_to_pid1; the number can come again
             self.skip[digest] = time.monotonic() + self.retry_failed
             return self._say(Outcome("failed", revision, f"not applied: {e}"))
         log.info("update requested", revision=revision, accepted=reply.get("accepted"))
@@ -198,7 +201,7 @@ def _lock(storage: Storage) -> int:
     import fcntl
 
     storage.ensure()
-    fd = os.open(storage.root / ".pull.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(storage.root / paths.PULL_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -235,4 +238,3 @@ def run(puller: Puller, interval: float, once: bool, say: Callable[[str], None])
         if BlobStream.stop_requested:
             log.info("pull stopped")
             return 0
-

@@ -15,7 +15,9 @@ Two halves, in two processes:
 
 Progress states: QUEUED, DOWNLOADING, INPROGRESS, TESTING, UPDATED (no
 reboot needed), DONE, WONTGO, ERROR — one JSON file per revision under
-``STORAGE/progress/``, written atomically.
+STORAGE/``paths.PROGRESS``, written atomically. Only pvpy errors are recorded
+(WONTGO, ERROR): any other exception is a bug and propagates unrecorded, so a
+bug never passes for a refused revision.
 
 Persist points (``persist_point``) name every place where the update path
 has just made something durable; ``PVPY_POWERCUT=<point>`` cuts the power
@@ -32,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from pvpy import paths
 from pvpy._record import Record
 from pvpy.errors import (
     ManifestError,
@@ -107,7 +110,7 @@ class Progress(Record):
 
 
 def progress_path(storage: Path, revision: int) -> Path:
-    return Path(storage) / "progress" / f"{revision}.json"
+    return Path(storage) / paths.PROGRESS / f"{revision}.json"
 
 
 def write_progress(
@@ -143,7 +146,7 @@ def read_progress(storage: Path, revision: int) -> Progress | None:
 
 def all_progress(storage: Path) -> list[Progress]:
     out = []
-    for path in sorted((Path(storage) / "progress").glob("*.json")):
+    for path in sorted((Path(storage) / paths.PROGRESS).glob("*.json")):
         if path.stem.isdigit():
             p = read_progress(storage, int(path.stem))
             if p is not None:
@@ -273,7 +276,7 @@ def _install_verified(
                 raise
         storage.install_revision(revision, verified.state_bytes, verified.signature_bytes)
         if keyset is not None:
-            write_atomic(storage.root / "progress" / f"{revision}.keys.json", keyset)
+            write_atomic(storage.root / paths.PROGRESS / f"{revision}.keys.json", keyset)
         persist_point("stage:trail")
     except PvpyError as e:
         _drop_added(storage, added)
@@ -315,14 +318,15 @@ def hand_to_pid1(
     timeout: float = 300,
 ) -> dict[str, Any]:
     """Ask PID 1 to apply an installed revision (``send`` is the caller's control
-    client; it raises when PID 1 says no or does not answer).
+    client; it raises a PvpyError when PID 1 says no or does not answer).
 
     When PID 1 does not take it, the trail goes again — so the same number can
     be offered once the device is ready — and WONTGO is recorded; re-raises.
+    Any other exception is a bug: it propagates and nothing is recorded.
     """
     try:
         return send({"cmd": "update", "revision": revision}, timeout)
-    except Exception as e:
+    except PvpyError as e:
         with contextlib.suppress(PvpyError):
             storage.remove_revision(revision)
         write_progress(storage.root, revision, WONTGO, f"not applied: {e}")
@@ -332,11 +336,11 @@ def hand_to_pid1(
 @contextlib.contextmanager
 def install_lock(storage: Storage) -> Iterator[None]:
     """One installer at a time per storage (CLI, API server and puller are
-    separate processes): an exclusive flock on STORAGE/.install.lock."""
+    separate processes): an exclusive flock on STORAGE/``paths.INSTALL_LOCK``."""
     import fcntl
 
     storage.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(storage.root / ".install.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(storage.root / paths.INSTALL_LOCK, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

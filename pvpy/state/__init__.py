@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from functools import cache
 
-from pvpy.errors import ManifestError
+from pvpy.errors import ManifestError, one_line
 from pvpy.state import canonical
 from pvpy.state.model import (
     DEFAULT_GROUPS,
@@ -84,11 +84,6 @@ def json_path(parts: Any) -> str:
     return out
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def validate(doc: Any) -> None:
     """Check ``doc`` against the schema and the rules a schema cannot say.
 
@@ -98,7 +93,7 @@ def validate(doc: Any) -> None:
 
     error = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
     if error is not None:
-        raise ManifestError(_one_line(error.message), json_path(error.absolute_path))
+        raise ManifestError(one_line(error.message, 200), json_path(error.absolute_path))
     _check_rules(doc)
 
 

@@ -304,9 +304,7 @@ class Container(Record):
             gid=user["gid"],
             hostname=d.get("hostname", name),
             mounts=tuple(Mount.from_dict(m) for m in d.get("mounts", ())),
-            capabilities=tuple(
-                d.get("capabilities", () if host else DEFAULT_APP_CAPABILITIES)
-            ),
+            capabilities=tuple(d.get("capabilities", () if host else DEFAULT_APP_CAPABILITIES)),
             namespaces=tuple(d.get("namespaces", ("pid",) if host else ("pid", "uts", "ipc"))),
             network=d.get("network", "host"),
             cgroup=CgroupLimits.from_dict(d.get("cgroup", {})),
@@ -365,9 +363,7 @@ class State(Record):
         groups = d.get("groups")
         return cls(
             revision=d["revision"],
-            containers=tuple(
-                Container.from_dict(n, c) for n, c in sorted(d["containers"].items())
-            ),
+            containers=tuple(Container.from_dict(n, c) for n, c in sorted(d["containers"].items())),
             groups=(
                 tuple(Group.from_dict(g) for g in groups)
                 if groups is not None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pvpy._text import human_size
 from pvpy.errors import (
     UsageError,
 )
@@ -26,7 +27,7 @@ from pvpy.oci import (
     Registry,
     digest_of,
 )
-from pvpy.workstation.remote import ProgressBar, _Counting, _size
+from pvpy.workstation.remote import ProgressBar, _Counting
 
 log = get_logger("publish")
 
@@ -116,7 +117,7 @@ def publish(
     every = [config, *blobs]
     missing = [b for b in every if not registry.has_blob(repo, b.digest)]
     total = sum(b.size for b in missing)
-    say(f"revision {revision}: {len(every)} blob(s), {len(missing)} missing ({_size(total)})")
+    say(f"revision {revision}: {len(every)} blob(s), {len(missing)} missing ({human_size(total)})")
     bar = ProgressBar(total)
     try:
         for i, blob in enumerate(missing, 1):
@@ -135,8 +136,6 @@ def publish(
     for tag in tags:
         registry.put_manifest(repo, tag, manifest)
     digest = digest_of(manifest)
-    say(f"revision {revision}: sent {len(missing)} blob(s), {_size(bar.sent)}; "
+    say(f"revision {revision}: sent {len(missing)} blob(s), {human_size(bar.sent)}; "
         f"{ref.registry}/{repo}@{digest} tagged {', '.join(tags)}")  # fmt: skip
     return PublishResult(revision, digest, len(every), len(missing), bar.sent, tags)
-
-

@@ -1,11 +1,17 @@
 """``pvpy qemu run``: boot an image of ``pvpy image build`` on qemu-system-aarch64.
 
-The machine (from the image's ``image.json``, i.e. the board's ``qemu:``):
-``-M virt -cpu cortex-a72 -m 512``, Debian's U-Boot as ``-bios``, its env flash
-read-only on pflash unit 1 (QEMU 7.2.9+ breaks pflash writes; the try marker
-lives on the disk), the disk on virtio-blk, user networking with one
-``hostfwd`` on 127.0.0.1 only (host PORT -> the guest's API port), virtio-rng
-and an i6300esb watchdog that resets the machine. Software emulation (TCG):
+The machine is a QEMU ``-readconfig`` file in the repository's ``qemu/``
+folder, named by the board's ``qemu.config`` (copied into the image's
+``image.json``): ``virt-uboot.cfg`` for qemu-arm64, ``virt-direct.cfg`` for the
+Raspberry Pi images (see qemu/README.md). It holds ``virt`` with 512 MiB, the
+disk on virtio-blk, virtio-net, virtio-rng and an i6300esb watchdog that
+resets the machine. ``qemu_argv`` adds what differs per image or per run, or
+what QEMU 7.2 cannot read from a file: ``-cpu`` (the board's ``qemu.cpu``),
+``-nographic``, the boot (Debian's U-Boot as ``-bios`` with its env flash
+read-only on pflash unit 1, since QEMU 7.2.9+ breaks pflash writes and the try
+marker lives on the disk; or the Pi's kernel, initramfs and command line
+directly), the disk's file, and user networking with one ``hostfwd`` on
+127.0.0.1 only (host PORT -> the guest's API port). Software emulation (TCG):
 KVM only helps an arm64 host.
 
 The serial console goes to stdout (unless quiet) and to a log file, each line
@@ -32,18 +38,22 @@ from typing import Any, TextIO
 from pvpy import _run
 from pvpy.errors import DeviceError, UsageError
 from pvpy.log import get_logger
+from pvpy.workstation.image.context import IMAGE_MANIFEST
 
 log = get_logger("qemu")
 
 QEMU = "qemu-system-aarch64"
 HOST_PACKAGES = {QEMU: "qemu-system-arm"}
+MACHINES = Path(__file__).resolve().parents[2] / "qemu"  # the -readconfig files
+UBOOT_MACHINE = "virt-uboot.cfg"  # for an image.json without qemu.config (older images)
+DIRECT_MACHINE = "virt-direct.cfg"
 
-__all__ = ["Machine", "ensure_qemu", "qemu_argv"]
+__all__ = ["MACHINES", "Machine", "ensure_qemu", "machine_config", "qemu_argv"]
 
 
 def ensure_qemu() -> None:
     """Install qemu-system-arm when missing (apt-get). Raises CommandError."""
-    from pvpy.workstation.image import ensure_debian_packages
+    from pvpy.workstation.image.packages import ensure_debian_packages
 
     ensure_debian_packages(HOST_PACKAGES)
 
@@ -51,11 +61,11 @@ def ensure_qemu() -> None:
 def _manifest(image: Path) -> tuple[Path, dict[str, Any]]:
     image_dir = image if image.is_dir() else image.parent
     try:
-        manifest = json.loads((image_dir / "image.json").read_text())
+        manifest = json.loads((image_dir / IMAGE_MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"{image_dir}: not an image of `pvpy image build` ({e})") from e
     if not isinstance(manifest, dict):
-        raise UsageError(f"{image_dir}/image.json: not an object")
+        raise UsageError(f"{image_dir / IMAGE_MANIFEST}: not an object")
     if not image.is_dir():
         manifest["disk"] = image.name
     return image_dir, manifest
@@ -93,15 +103,29 @@ def _rpi_direct_boot(image_dir: Path, m: dict[str, Any]) -> list[str]:
     return ["-kernel", str(stage / "kernel"), "-initrd", str(stage / "initrd"), "-append", cmdline]
 
 
+def machine_config(manifest: dict[str, Any]) -> Path:
+    """The machine's -readconfig file in ``qemu/`` for an image's ``image.json``.
+
+    Raises UsageError when the file is not there.
+    """
+    default = UBOOT_MACHINE if manifest.get("u_boot") else DIRECT_MACHINE
+    path = MACHINES / str((manifest.get("qemu") or {}).get("config") or default)
+    if not path.is_file():
+        raise UsageError(f"no QEMU machine file {path} (board.yaml qemu.config)")
+    return path
+
+
 def qemu_argv(image: Path, port: int | None = 8022, no_reboot: bool = False) -> list[str]:
     """The QEMU command line for an image directory (or its disk image).
 
-    U-Boot images boot through U-Boot (``-bios``); Raspberry Pi images boot
-    their committed boot partition's kernel directly (``_rpi_direct_boot``).
+    The machine comes from its file (``machine_config``); the command line adds
+    what that file cannot hold. U-Boot images boot through U-Boot (``-bios``);
+    Raspberry Pi images boot their committed boot partition's kernel directly
+    (``_rpi_direct_boot``). Raises UsageError for a directory that is no image.
     """
     image_dir, m = _manifest(Path(image))
     q = m.get("qemu", {})
-    netdev = "user,id=net0"
+    netdev = "user,id=net0"  # the machine file's virtio-net-pci refers to net0
     if port:
         netdev += f",hostfwd=tcp:127.0.0.1:{port}-:{int(q.get('guest_port', 8000))}"
     if m.get("u_boot"):
@@ -112,14 +136,10 @@ def qemu_argv(image: Path, port: int | None = 8022, no_reboot: bool = False) -> 
     else:
         firmware = _rpi_direct_boot(image_dir, m)
     argv = [
-        QEMU, "-M", str(q.get("machine", "virt")), "-cpu", str(q.get("cpu", "cortex-a72")),
-        "-m", str(q.get("memory", 512)), "-nographic", *firmware,
-        "-drive", f"if=none,id=disk0,format=raw,file={image_dir / m['disk']}",
-        "-device", "virtio-blk-pci,drive=disk0",
+        QEMU, "-readconfig", str(machine_config(m)), "-cpu", str(q.get("cpu", "cortex-a72")),
+        "-nographic", *firmware,
+        "-drive", f"if=none,id=disk0,format=raw,file={image_dir / m['disk']}",  # virtio-blk's
         "-netdev", netdev,
-        "-device", "virtio-net-pci,netdev=net0,romfile=",  # no efi-virtio.rom needed
-        "-device", "virtio-rng-pci",
-        "-device", "i6300esb", "-watchdog-action", "reset",
     ]  # fmt: skip
     if no_reboot:
         argv.append("-no-reboot")

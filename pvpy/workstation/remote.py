@@ -9,9 +9,9 @@ lacks (sending the signed state, which the device checks first: a revision it
 would refuse costs no upload), uploads only those with a progress bar on
 stderr, posts the state and follows the revision's progress to its end.
 
-Errors: ``RemoteError`` (a PvpyError) with the HTTP status, the device's
+Errors: ``pvpy.errors.RemoteError`` with the HTTP status, the device's
 one-line reason and its ``kind``, which picks the same exit code a local
-command would give (3 trust, 4 manifest, 5 store, 10 device).
+command would give (3 trust, 4 manifest, 5 store, 10 device: ``errors.ERRORS``).
 """
 
 from __future__ import annotations
@@ -29,36 +29,15 @@ from typing import IO, Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 from pvpy._http import Readable, http_connection
-from pvpy.errors import PvpyError, UsageError
+from pvpy._text import human_size
+from pvpy.errors import EXIT_REFUSED, RemoteError, UsageError, one_line
 
-UNREACHABLE = "unreachable"
 REFUSED_KINDS = ("trust", "manifest", "store")  # the device refused the revision itself
-EXIT_BY_KIND = {"usage": 2, "trust": 3, "manifest": 4, "store": 5, "device": 10, "auth": 10,
-                UNREACHABLE: 10}  # fmt: skip
-EXIT_REFUSED = 3  # push: WONTGO or ERROR
 FINAL_GOOD = ("UPDATED", "DONE")
 FINAL_BAD = ("WONTGO", "ERROR")
 
 
 Body = bytes | Readable | None
-
-
-class RemoteError(PvpyError):
-    """The device answered with an error, or could not be reached (status 0)."""
-
-    def __init__(self, message: str, status: int = 0, kind: str = UNREACHABLE) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.exit_code = EXIT_BY_KIND.get(kind, 1)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -192,7 +171,7 @@ def _error_from(status: int, data: bytes) -> RemoteError:
         doc = json.loads(data)
         reason, kind = str(doc["error"]), str(doc.get("kind", "http"))
     except (ValueError, KeyError, TypeError):
-        reason, kind = data.decode(errors="replace").strip()[:200] or "no reason given", "http"
+        reason, kind = one_line(data.decode(errors="replace"), 200) or "no reason given", "http"
     if status == 401:
         return RemoteError(f"the device refused the token (401): {reason}", status, "auth")
     return RemoteError(f"{reason} ({status})", status, kind)
@@ -226,13 +205,13 @@ class ProgressBar:
             self.last = now
             done = self.sent * 30 // self.total
             self.stream.write(f"\rupload [{'#' * done}{'.' * (30 - done)}] "
-                              f"{_size(self.sent)} / {_size(self.total)} "
+                              f"{human_size(self.sent)} / {human_size(self.total)} "
                               f"{self.sent * 100 // self.total:3d}%")  # fmt: skip
             self.stream.flush()
 
     def object_done(self, index: int, count: int, name: str, size: int) -> None:
         if not self.tty:
-            self.stream.write(f"upload {index}/{count} {name[:12]} {_size(size)} "
+            self.stream.write(f"upload {index}/{count} {name[:12]} {human_size(size)} "
                               f"({self.sent * 100 // self.total}%)\n")  # fmt: skip
             self.stream.flush()
 
@@ -283,7 +262,10 @@ def upload(device: Device, signed_dir: Path, say: Callable[[str], None]) -> Push
         check = device.call("POST", "/v1/objects/missing", body, timeout=600)
         missing = [str(n) for n in check["missing"] if n in refs]
         total = sum(refs[n].size for n in missing)
-        say(f"revision {revision}: {len(refs)} object(s), {len(missing)} missing ({_size(total)})")
+        say(
+            f"revision {revision}: {len(refs)} object(s), {len(missing)} missing "
+            f"({human_size(total)})"
+        )
         bar = ProgressBar(total)
         try:
             for i, name in enumerate(missing, 1):
@@ -299,14 +281,15 @@ def upload(device: Device, signed_dir: Path, say: Callable[[str], None]) -> Push
                 bar.object_done(i, len(missing), name, refs[name].size)
         finally:
             bar.close()
-        say(f"revision {revision}: sent {len(missing)} object(s), {_size(bar.sent)}")
+        say(f"revision {revision}: sent {len(missing)} object(s), {human_size(bar.sent)}")
         reply = device.call("POST", "/v1/revisions", body, timeout=900)
     except RemoteError as e:
         if e.kind not in REFUSED_KINDS:
             raise
-        refused = RemoteError(f"the device refused revision {revision}: {e}", e.status, e.kind)
-        refused.exit_code = EXIT_REFUSED  # WONTGO, whatever the reason
-        raise refused from e
+        # WONTGO whatever the reason: exits EXIT_REFUSED
+        raise RemoteError(
+            f"the device refused revision {revision}: {e}", e.status, e.kind, refused=True
+        ) from e
     return PushResult(revision, len(refs), len(missing), bar.sent, reply.get("kind"),
                       list(reply.get("changed") or []))  # fmt: skip
 

@@ -131,9 +131,7 @@ def build(spec_path: Path, out: Path, revision: int | None = None) -> BuildResul
         doc["revision"] = revision
     if "created" not in doc:
         epoch = os.environ.get("SOURCE_DATE_EPOCH")
-        when = (
-            dt.datetime.fromtimestamp(int(epoch), dt.UTC) if epoch else dt.datetime.now(dt.UTC)
-        )
+        when = dt.datetime.fromtimestamp(int(epoch), dt.UTC) if epoch else dt.datetime.now(dt.UTC)
         doc["created"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
     _prevalidate(doc)
@@ -201,9 +199,7 @@ def _prevalidate(doc: dict[str, Any]) -> None:
     validate(probe)
 
 
-def _pack(
-    spec_dir: Path, value: Any, store: ObjectStore, where: str
-) -> tuple[dict[str, Any], Any]:
+def _pack(spec_dir: Path, value: Any, store: ObjectStore, where: str) -> tuple[dict[str, Any], Any]:
     path, options = _source(spec_dir, value, where)
     try:
         packed = pack_rootfs(

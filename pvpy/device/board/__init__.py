@@ -1,8 +1,9 @@
 """Board mode of ``pvpy init``: what PID 1 does on real hardware before it boots.
 
-The image's /init runs ``python3 -m pvpy init --board /etc/pvpy/board.json``;
-the board file is written by ``pvpy image build`` from ``boards/<name>/board.yaml``.
-``Init.board_setup`` then calls, in order:
+The image's /init runs ``python3 -m pvpy init --board /etc/pvpy/board.json``
+(``pvpy.paths.BOARD_FILE``); the board file is written by ``pvpy image build`` from
+``boards/<name>/board.yaml``. PID 1's board set-up (``pvpy.device.pid1``) then calls,
+in order:
 
 1. ``leave_rootfs`` (before anything else): make ``/`` a real mount, because
    pivot_root(2) — crun's and runc's — fails with EINVAL on the initramfs
@@ -28,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+from pvpy import bootvars, paths
 from pvpy._record import Record
 from pvpy.device import _linux
 from pvpy.errors import CommandError, DeviceError
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
 log = get_logger("board")
 
-BOARD_FILE = "/etc/pvpy/board.json"
+BOARD_FILE = paths.BOARD_FILE  # named once, in pvpy.paths
 UDHCPC_SCRIPT = "udhcpc.script"  # beside this module, in the image too
 _EXT_MAGIC_AT, _EXT_LABEL_AT = 1024 + 0x38, 1024 + 0x78
 
@@ -115,15 +117,10 @@ def parse_cmdline(text: str) -> dict[str, str]:
 def boot_choice(cmdline: str) -> BootArgs:
     """``pv_rev=N [pv_trying=1] [pv_failed_try=M] [pv_storage=DEV]`` (boards/*/boot.cmd)."""
     args = parse_cmdline(cmdline)
-
-    def number(key: str) -> int | None:
-        value = args.get(key, "")
-        return int(value) if value.isdigit() else None
-
     return BootArgs(
-        revision=number("pv_rev"),
-        trying=args.get("pv_trying") == "1",
-        failed_try=number("pv_failed_try"),
+        revision=bootvars.parse_revision(args.get(bootvars.REV)),
+        trying=args.get(bootvars.TRYING) == "1",  # a flag here, not the revision
+        failed_try=bootvars.parse_revision(args.get("pv_failed_try")),
         storage=args.get("pv_storage") or None,
     )
 

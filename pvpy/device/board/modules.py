@@ -1,72 +1,33 @@
-"""Kernel modules without kmod: load order on the workstation, loading on the device.
+"""Kernel modules without kmod: PID 1 loads the list the image ships.
 
-The image build has no depmod (and Debian's kernel package ships no
-modules.dep), so ``load_order`` reads each ``.ko``'s ``.modinfo`` strings
-(``depends=``) and lists the wanted modules with their dependencies first. The
-image writes that list to ``lib/modules/<version>/load.list``; ``load_listed``
-then loads it on the device with finit_module(2), in order. There is no
-/sbin/modprobe for the kernel's request_module either, so anything the kernel
-would ask for by itself (crc32c for ext4) must be in the list.
+The image build (``pvpy.workstation.image.modules.load_order``) writes the
+board's modules, dependencies first, to ``lib/modules/<version>/`` as
+``pvpy.paths.MODULES_LOAD_LIST``; ``load_listed`` loads them with
+finit_module(2), in that order. There is no /sbin/modprobe for the kernel's
+request_module either, so anything the kernel would ask for by itself (crc32c
+for ext4) must be in the list.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from pvpy.errors import DeviceError
+from pvpy.paths import MODULES_LOAD_LIST
 
-LOAD_LIST = "load.list"
-_DEPENDS = re.compile(rb"(?:^|\0)depends=([^\0]*)\0")
-
-__all__ = ["LOAD_LIST", "load_listed", "load_order"]
+__all__ = ["load_listed"]
 
 
 def _name(module: str) -> str:
+    """The kernel's name of a module: '-' and '_' are the same to it."""
     return module.replace("-", "_")
 
 
-def _index(moddir: Path) -> dict[str, Path]:
-    return {_name(p.name[:-3]): p for p in sorted(moddir.rglob("*.ko"))}
-
-
-def _depends(path: Path) -> list[str]:
-    match = _DEPENDS.search(path.read_bytes())
-    if not match or not match.group(1):
-        return []
-    return [_name(d.decode()) for d in match.group(1).split(b",") if d]
-
-
-def load_order(moddir: Path, wanted: Iterable[str]) -> list[str]:
-    """Paths (relative to ``moddir``) of ``wanted`` and their dependencies, deps first.
-
-    Raises DeviceError for a module the kernel package does not have (it may be
-    built in: see modules.builtin).
-    """
-    mods = _index(moddir)
-    order: list[str] = []
-    seen: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in seen:
-            return
-        seen.add(name)
-        if name not in mods:
-            raise DeviceError(f"kernel module {name} not found in {moddir} (built in?)")
-        for dep in _depends(mods[name]):
-            visit(dep)
-        order.append(str(mods[name].relative_to(moddir)))
-
-    for module in wanted:
-        visit(_name(module))
-    return order
-
-
 def load_listed(moddir: Path, skip: Iterable[str] = ()) -> list[str]:
-    """Load every module of ``moddir/load.list`` in order; return the names loaded.
+    """Load every module of ``moddir``'s load list in order; return the names loaded.
 
     A module that is loaded already counts as loaded; one that fails is logged
     and skipped (the device may still boot without it). Raises DeviceError
@@ -75,9 +36,9 @@ def load_listed(moddir: Path, skip: Iterable[str] = ()) -> list[str]:
     from pvpy.device import _linux
 
     try:
-        listed = (moddir / LOAD_LIST).read_text().split()
+        listed = (moddir / MODULES_LOAD_LIST).read_text().split()
     except OSError as e:
-        raise DeviceError(f"{moddir / LOAD_LIST}: {e.strerror}") from e
+        raise DeviceError(f"{moddir / MODULES_LOAD_LIST}: {e.strerror}") from e
     skipped = {_name(s) for s in skip}
     loaded: list[str] = []
     for rel in listed:

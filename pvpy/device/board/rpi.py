@@ -21,9 +21,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from pvpy import bootvars
 from pvpy.device import _linux
 from pvpy.device.board import BoardConfig, BootArgs
-from pvpy.errors import DeviceError
+from pvpy.errors import BootEnvError, DeviceError
 from pvpy.log import get_logger
 from pvpy.rpiboot import CMDLINE, CONFIG
 from pvpy.store import fsync_dir
@@ -147,6 +148,7 @@ def open_rpi_bootenv(
     Raises DeviceError.
     """
     from pvpy.device.bootenv.rpi import RpiTryboot
+
     number = int(config.rpi.get("config_partition", 1))
     boot = tuple(int(p) for p in config.rpi.get("boot_partitions", (2, 3)))
     device = partition_device(storage_device, number)
@@ -181,7 +183,9 @@ def rpi_boot_choice(env: Any, cmdline: BootArgs) -> tuple[BootArgs, str | None]:
     booted = cmdline.revision
     if booted is not None and booted != revision:
         if trying:
-            committed = int(env.read()["pv_rev"])
+            committed = bootvars.BootVars.parse(env.read()).rev
+            if committed is None:  # choose() has just read it: only another writer drops it
+                raise BootEnvError("rpi: pvpy.env has no pv_rev: provision the device first")
             reason = (f"the try boot partition holds revision {booted}'s boot files, "
                       f"not {revision}'s")  # fmt: skip
             log.error("try partition mismatch; running the committed revision",

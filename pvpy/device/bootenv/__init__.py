@@ -1,21 +1,18 @@
 """Boot environments: where the bootloader and pvpy agree which revision boots.
 
-Variables (Pantavisor's names, so boot scripts read alike):
-
-    pv_rev      the last good (committed) revision
-    pv_try      a revision to try once, not yet committed
-    pv_trying   set by the bootloader when it boots pv_try; if it is still
-                equal to pv_try on the next boot, that try failed
-    pv_bootcount  boots of the try revision so far (boot counting)
+The variables (``pv_rev``, ``pv_try``, ``pv_trying``, ``pv_bootcount``) and
+their parsing are named once, in ``pvpy.bootvars``.
 
 Every backend writes all changed variables in one atomic batch: chained
 single writes can brick a device on power loss (SWUpdate's warning about
-chained fw_setenv). Backends: ``file`` (sandbox) here; U-Boot, GRUB and
-Raspberry Pi tryboot follow the same interface.
+chained fw_setenv). Backends, one module each behind
+the ``BootEnv`` protocol: ``file`` (the sandbox), ``uboot``, ``grub`` and ``rpi``
+(Raspberry Pi tryboot); ``open_bootenv`` picks one from its spec.
 """
 
 from __future__ import annotations
 
+from pvpy import bootvars
 from pvpy._record import Record
 from pvpy.errors import BootEnvError
 
@@ -44,27 +41,21 @@ class BootChoice(Record):
     reason: str | None = None  # why failed_try failed, when the boot env knows better
 
 
-def _int(value: str | None) -> int | None:
-    return int(value) if value is not None and value.isdigit() else None
-
-
 def choose_boot(env: BootEnv, max_tries: int = 1) -> BootChoice:
     """Do what the device's boot script does, for boot envs no bootloader reads.
 
     A try revision is booted at most ``max_tries`` times; when it has not
     committed by then, boot the last good revision and report the failed try.
     """
-    values = env.read()
-    rev = _int(values.get("pv_rev"))
-    trying = _int(values.get("pv_try"))
-    if rev is None:
+    boot = bootvars.BootVars.parse(env.read())
+    if boot.rev is None:
         raise BootEnvError("boot environment has no pv_rev: provision the device first")
-    if trying is None or trying == rev:
-        return BootChoice(revision=rev, trying=False)
-    count = _int(values.get("pv_bootcount")) or 0
-    if count >= max_tries:
-        return BootChoice(revision=rev, trying=False, failed_try=trying)
-    env.write({"pv_trying": str(trying), "pv_bootcount": str(count + 1)})
+    trying = boot.pending_try
+    if trying is None:
+        return BootChoice(revision=boot.rev, trying=False)
+    if boot.bootcount >= max_tries:
+        return BootChoice(revision=boot.rev, trying=False, failed_try=trying)
+    env.write({bootvars.TRYING: str(trying), bootvars.BOOTCOUNT: str(boot.bootcount + 1)})
     return BootChoice(revision=trying, trying=True)
 
 

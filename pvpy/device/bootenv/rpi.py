@@ -34,6 +34,7 @@ import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
+from pvpy import bootvars
 from pvpy.device.bootenv import BootChoice
 from pvpy.device.bootenv.file import FileBootEnv
 from pvpy.errors import BootEnvError, StoreError
@@ -44,7 +45,7 @@ DT_BOOTLOADER = Path("/proc/device-tree/chosen/bootloader")
 TRYBOOT_ARGUMENT = "0 tryboot"  # reboot(2) argument: default partition, tryboot flag
 NOT_TRYBOOTED = (
     "the firmware did not try-boot: this kernel cannot pass the tryboot flag "
-    "(reboot \"0 tryboot\" needs the Raspberry Pi kernel's firmware driver), "
+    '(reboot "0 tryboot" needs the Raspberry Pi kernel\'s firmware driver), '
     "or the power went before the reboot"
 )
 
@@ -121,18 +122,18 @@ class RpiTryboot:
         BootEnvError.
         """
         values = self.read()
-        rev, pending = values.get("pv_rev", ""), values.get("pv_try", "")
-        if not rev.isdigit():
+        boot = bootvars.BootVars.parse(values)
+        rev, pending = boot.rev, boot.pending_try
+        if rev is None:
             raise BootEnvError("rpi: pvpy.env has no pv_rev: provision the device first")
-        if not pending.isdigit() or pending == rev:
-            return BootChoice(revision=int(rev), trying=False)
+        if pending is None:
+            return BootChoice(revision=rev, trying=False)
         if self.booted_try(self.other(self.committed_partition(values))):
-            self.write({"pv_trying": pending})
-            return BootChoice(revision=int(pending), trying=True)
-        if values.get("pv_trying") == pending:  # booted once and did not commit
-            return BootChoice(revision=int(rev), trying=False, failed_try=int(pending))
-        return BootChoice(revision=int(rev), trying=False, failed_try=int(pending),
-                          reason=NOT_TRYBOOTED)  # fmt: skip
+            self.write({bootvars.TRYING: str(pending)})
+            return BootChoice(revision=pending, trying=True)
+        if boot.trying == pending:  # booted once and did not commit
+            return BootChoice(revision=rev, trying=False, failed_try=pending)
+        return BootChoice(revision=rev, trying=False, failed_try=pending, reason=NOT_TRYBOOTED)
 
     def try_reboot_argument(self) -> str | None:
         """The reboot(2) argument that boots the try partition once."""
@@ -156,8 +157,8 @@ class RpiTryboot:
             raise BootEnvError(f"rpi: {PARTITION} is derived; use commit_partition()")
         old = self._read()
         partition = self.committed_partition(old)
-        new_rev, old_try = changes.get("pv_rev", old.get("pv_rev")), old.get("pv_try")
-        if new_rev is not None and new_rev != old.get("pv_rev") and new_rev == old_try:
+        new_rev, old_try = changes.get(bootvars.REV, old.get(bootvars.REV)), old.get(bootvars.TRY)
+        if new_rev is not None and new_rev != old.get(bootvars.REV) and new_rev == old_try:
             # The try's boot files are in the try partition: committing it moves
             # the default there, which is only safe once the firmware booted it.
             partition = self.other(partition)

@@ -50,12 +50,27 @@ def _token(nbytes: int = 4) -> str:
     return os.urandom(nbytes).hex()
 
 
-def _remove_tree(path: str | Path) -> None:
-    # shutil on use: only leftovers of a crash and removed revisions need it, and PID 1
-    # (which imports this module) would otherwise carry its bz2 and lzma (~0.5 MiB).
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+def remove_tree(path: str | Path) -> None:
+    """``rm -rf path``, best effort: symlinks are removed, never followed (a link at
+    ``path`` itself included). Not shutil.rmtree: PID 1 runs this at every container
+    start (work dirs) and GC, and shutil brings bz2 and lzma (~0.5 MiB)."""
+    if os.path.islink(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(root, name))
+        for name in dirs:
+            entry = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if os.path.islink(entry):
+                    os.unlink(entry)
+                else:
+                    os.rmdir(entry)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 def _sha256() -> Any:  # hashlib's type, imported lazily
@@ -392,10 +407,10 @@ class Storage:
             os.rename(tmp, final)
             fsync_dir(self.trails)
         except OSError as e:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             raise _os_error(f"install revision {revision}", e) from e
         except StoreError:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             raise
         return final
 
@@ -420,14 +435,14 @@ class Storage:
             fsync_dir(self.trails)
         except OSError as e:
             raise _os_error(f"remove revision {revision}", e) from e
-        _remove_tree(trash)
+        remove_tree(trash)
 
     def clean_temp(self) -> None:
         self.objects.clean_temp()
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.trails):
                 if entry.name.startswith((".tmp-", ".trash-")):
-                    _remove_tree(entry.path)
+                    remove_tree(entry.path)
 
     def referenced_by(self, revision: int) -> set[str]:
         from pvpy.errors import ManifestError

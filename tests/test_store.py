@@ -19,7 +19,7 @@ from pvpy.errors import (
     StoreError,
 )
 from pvpy.state import canonical
-from pvpy.store import ObjectStore, Storage, referenced_objects, write_atomic
+from pvpy.store import ObjectStore, Storage, referenced_objects, remove_tree, write_atomic
 from tests.conftest import minimal_state
 
 
@@ -255,3 +255,34 @@ def test_install_in_a_killed_process_is_all_or_nothing(tmp_path: Path) -> None:
     for r in revs:
         state, sig = storage.read_trail(r)
         assert state == b"S" * 65536 and sig == b"G" * 1024
+
+
+def test_remove_tree_removes_everything_and_follows_no_symlink(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    work = tmp_path / "work"
+    (work / "work" / "deep").mkdir(parents=True)
+    (work / "work" / "deep" / "file").write_text("x")
+    if os.geteuid() == 0:
+        (work / "work").chmod(0)  # as overlayfs leaves its work/work (PID 1 is root)
+    (work / "link-dir").symlink_to(outside)
+    (work / "link-file").symlink_to(outside / "keep")
+    (work / "dangling").symlink_to(tmp_path / "nowhere")
+    remove_tree(work)
+    assert not os.path.lexists(work)
+    assert (outside / "keep").read_text() == "keep"
+
+
+def test_remove_tree_of_nothing_is_fine(tmp_path: Path) -> None:
+    remove_tree(tmp_path / "missing")
+
+
+def test_remove_tree_of_a_link_removes_the_link_only(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    (tmp_path / "link").symlink_to(outside)
+    remove_tree(tmp_path / "link")
+    assert not os.path.lexists(tmp_path / "link")
+    assert (outside / "keep").read_text() == "keep"

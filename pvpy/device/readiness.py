@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from pathlib import Path
 
 from pvpy import _run
@@ -28,13 +29,37 @@ if TYPE_CHECKING:
 def open_notify(path: Path) -> tuple[int, int]:
     """Open (making it) the notify FIFO at ``path``: (read end, our own write end).
     Holding a write end ourselves keeps the read end from seeing EOF each time a
-    writer in the container closes it."""
+    writer in the container closes it.
+
+    The directory is the container's ``/run/pvpy``, writable from inside: whatever
+    is at ``path`` may have been put there by a hostile app (a symlink to a host
+    file, a device node, a regular file). Nothing there is followed or opened for
+    I/O unless it is a FIFO: the inode is pinned with O_PATH|O_NOFOLLOW, checked,
+    and reopened through /proc/self/fd, so it cannot be swapped in between. Anything
+    else is replaced with a fresh FIFO. Raises OSError.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        os.mkfifo(path, 0o620)
-    read_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    keep_fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    return read_fd, keep_fd
+    for _attempt in range(3):
+        try:
+            pinned = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            os.mkfifo(path, 0o620)
+            continue
+        try:
+            if not stat.S_ISFIFO(os.fstat(pinned).st_mode):
+                os.unlink(path)  # a link or a file the container left: not ours to open
+                continue
+            via = f"/proc/self/fd/{pinned}"
+            read_fd = os.open(via, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                keep_fd = os.open(via, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                os.close(read_fd)
+                raise
+            return read_fd, keep_fd
+        finally:
+            os.close(pinned)
+    raise OSError(f"{path}: replaced again and again while being opened")
 
 
 def read_notify(fd: int) -> list[str]:

@@ -24,7 +24,6 @@ Outside failures (mount, crun) are translated to ContainerError here.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -35,6 +34,7 @@ from pvpy.device import _linux
 from pvpy.errors import CommandError, ContainerError
 from pvpy.log import get_logger
 from pvpy.state.model import Container, Volume
+from pvpy.store import remove_tree
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
 if TYPE_CHECKING:
@@ -111,24 +111,6 @@ class Paths(Record):
 
     def log_file(self, name: str) -> Path:
         return self.storage / "logs" / f"{name}.log"
-
-
-def _remove_tree(path: Path) -> None:
-    """``rm -rf path``, symlinks removed and never followed. Not shutil.rmtree: PID 1
-    runs this at every container start, and shutil brings bz2 and lzma (~0.5 MiB)."""
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(root, name))
-        for name in dirs:
-            entry = os.path.join(root, name)
-            with contextlib.suppress(OSError):
-                if os.path.islink(entry):
-                    os.unlink(entry)
-                else:
-                    os.rmdir(entry)
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
 
 
 def _cpu_shares(weight: int) -> int:
@@ -335,7 +317,7 @@ class Runtime:
             for d in (upper, work, rootfs):
                 d.mkdir(parents=True, exist_ok=True)
             # work dir must be empty and on the same filesystem as upper
-            _remove_tree(work)
+            remove_tree(work)
             work.mkdir()
             options = f"lowerdir={lower},upperdir={upper},workdir={work}"
             try:

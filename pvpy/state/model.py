@@ -355,6 +355,7 @@ class State(Record):
     bsp: Bsp = Bsp()
     created: str | None = None
     expires: str | None = None
+    fleet: str | None = None  # signed: a device bound to a fleet refuses other fleets' revisions
     description: str = ""
     annotations: tuple[tuple[str, str], ...] = ()
 
@@ -372,6 +373,7 @@ class State(Record):
             bsp=Bsp.from_dict(d.get("bsp", {})),
             created=d.get("created"),
             expires=d.get("expires"),
+            fleet=d.get("fleet"),
             description=d.get("description", ""),
             annotations=tuple(sorted(d.get("annotations", {}).items())),
         )
@@ -390,6 +392,8 @@ class State(Record):
             out["created"] = self.created
         if self.expires is not None:
             out["expires"] = self.expires
+        if self.fleet is not None:
+            out["fleet"] = self.fleet
         return out
 
     def container(self, name: str) -> Container:

@@ -26,7 +26,6 @@ Standard library only (PID 1 imports it).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 # -- the storage --
@@ -66,6 +65,8 @@ MODULES_LOAD_LIST = "load.list"  # in /usr/lib/modules/<version>/: modules to lo
 
 def sandbox_run_dir(storage: Path) -> Path:
     """A sandbox's RUN_DIR: on the host's /run, so host tools reach its sockets."""
+    import hashlib  # on use: it maps OpenSSL (~3 MiB), which PID 1 never needs
+
     digest = hashlib.sha256(str(Path(storage).resolve()).encode()).hexdigest()[:12]
     return Path(SANDBOX_RUN_ROOT) / digest
 

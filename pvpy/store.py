@@ -80,14 +80,14 @@ def _sha256() -> Any:  # hashlib's type, imported lazily
     return hashlib.sha256()
 
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # always fullmatch: "$" would take a trailing newline
 
 Progress = Callable[[int], None]
 
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a sha256 hex digest, else raise ObjectNameError."""
-    if not isinstance(name, str) or not _SHA256.match(name):
+    if not isinstance(name, str) or not _SHA256.fullmatch(name):
         shown = repr(name)[:80]
         raise ObjectNameError(f"not an object name (64 lowercase hex digits): {shown}")
     return name
@@ -179,7 +179,7 @@ class ObjectStore:
         except FileNotFoundError:
             return
         for entry in entries:
-            if _SHA256.match(entry.name) and entry.is_file(follow_symlinks=False):
+            if _SHA256.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 yield entry.name
 
     def put_stream(
@@ -313,7 +313,7 @@ def referenced_objects(doc: Any) -> set[str]:
         item = stack.pop()
         if isinstance(item, dict):
             value = item.get("sha256")
-            if isinstance(value, str) and _SHA256.match(value):
+            if isinstance(value, str) and _SHA256.fullmatch(value):
                 found.add(value)
             stack.extend(item.values())
         elif isinstance(item, list):

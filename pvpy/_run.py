@@ -16,6 +16,7 @@ from pvpy.errors import CommandError
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
 if TYPE_CHECKING:
     import subprocess
+    from typing import IO
 
 # Only these variables of the caller's environment reach a child.
 ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "HOME", "SOURCE_DATE_EPOCH")
@@ -46,12 +47,14 @@ def run(
     argv: Sequence[str],
     *,
     input: bytes | None = None,
+    stdin: IO[bytes] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     timeout: float | None = None,
     check: bool = True,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run ``argv`` to completion and return its result.
+    """Run ``argv`` to completion and return its result. Its stdin: ``input``, or
+    the open file ``stdin`` (streamed by the kernel, never held in memory), or nothing.
 
     Raises CommandError when the program is missing, times out, or (with
     ``check``) exits non-zero.
@@ -66,7 +69,7 @@ def run(
         proc = subprocess.run(
             args,
             input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
+            stdin=None if input is not None else stdin or subprocess.DEVNULL,
             capture_output=True,
             env=child_env(env),
             cwd=cwd,

@@ -6,11 +6,14 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import pytest
 
 from pvpy.errors import ManifestError, SpecError
 from pvpy.store import ObjectStore, sha256_file
-from pvpy.workstation.pack import PackedImage, extract_tar, pack_rootfs
+from pvpy.workstation.pack import PackedImage, pack_rootfs
 from pvpy.workstation.spec import build
 
 pytestmark = [
@@ -257,13 +260,12 @@ def test_tarball_keeps_contents_modes_and_links(
 # ---------------------------------------------------------------- 3. traversal
 
 
-ESCAPES = {
+ESCAPES: dict[str, list[tuple[str, str, Any]]] = {
     "dotdot": [("../evil", "file", b"x")],
     "dotdot-deep": [("a/../../evil", "file", b"x")],
     "absolute": [("/etc/evil", "file", b"x")],
     "through-symlink": [("link", "sym", "/"), ("link/evil", "file", b"x")],
     "through-relative-symlink": [("link", "sym", "../../.."), ("link/evil", "file", b"x")],
-    "replace-symlink": [("evil", "sym", "/tmp/evil"), ("evil", "file", b"x")],
 }
 
 
@@ -272,19 +274,27 @@ def test_tarball_path_traversal_is_refused(tmp_path: Path, store: ObjectStore, c
     archive = tmp_path / "bad.tar.gz"
     archive.write_bytes(tar_bytes([("ok", "file", b"fine"), *ESCAPES[case]]))
 
-    with pytest.raises(SpecError, match="cannot extract"):
+    with pytest.raises(SpecError, match=r"outside the image|which is not a directory"):
         pack_rootfs(archive, store)
     no_leftovers(store)
-
-    # Straight into a dest deep in tmp_path: nothing lands beside it either.
-    dest = tmp_path / "a" / "b" / "c" / "dest"
-    dest.mkdir(parents=True)
-    with pytest.raises(SpecError):
-        extract_tar(archive, dest)
-    # (A symlink named evil inside dest is fine: it is part of the tree.)
-    assert [p for p in files_named(tmp_path, "evil") if dest not in p.parents] == []
+    assert files_named(tmp_path, "evil") == []
     for outside in ("/evil", "/etc/evil", "/tmp/evil"):
         assert not os.path.lexists(outside)
+
+
+def test_a_member_replaces_a_symlink_of_its_name(tmp_path: Path, store: ObjectStore) -> None:
+    """A later member of a symlink's name replaces the link; it never writes through it."""
+    archive = tmp_path / "replace.tar"
+    target = tmp_path / "host-file"
+    target.write_bytes(b"host")
+    archive.write_bytes(
+        tar_bytes([("evil", "sym", str(target)), ("evil", "file", (b"x", 0o600))], mode="w")
+    )
+
+    entries = listing(object_path(store, pack_rootfs(archive, store)))
+    assert entries["evil"][0] == "-rw-------"
+    assert target.read_bytes() == b"host"
+    assert list(store.tmp.iterdir()) == []
 
 
 @pytest.mark.parametrize("absolute", [True, False])
@@ -298,19 +308,15 @@ def test_hard_link_to_a_host_file_is_refused(
     victim.chmod(0o600)
     os.utime(victim, (1_000_000, 1_000_000))
     before = victim.stat()
-    dest = tmp_path / "x" / "dest"
-    dest.mkdir(parents=True)
     target = str(victim) if absolute else "../" * 12 + str(victim).lstrip("/")
     archive = tmp_path / "bad.tar"
     archive.write_bytes(
         tar_bytes([("stolen", "hard", target), ("stolen", "file", (b"pwned", 0o777))], mode="w")
     )
 
-    with pytest.raises(SpecError, match="cannot extract"):
+    with pytest.raises(SpecError, match=r"hard link 'stolen' to .*: outside the image"):
         pack_rootfs(archive, store)
     no_leftovers(store)
-    with pytest.raises(SpecError, match="outside the destination"):
-        extract_tar(archive, dest)
 
     after = victim.stat()
     assert victim.read_bytes() == b"secret"
@@ -319,13 +325,12 @@ def test_hard_link_to_a_host_file_is_refused(
         before.st_nlink,
         before.st_mtime,
     )
-    assert not (dest / "stolen").exists()
 
 
 def test_hard_link_to_a_missing_member_is_a_spec_error(tmp_path: Path, store: ObjectStore) -> None:
     archive = tmp_path / "dangling.tar"
     archive.write_bytes(tar_bytes([("h", "hard", "not/in/archive")], mode="w"))
-    with pytest.raises(SpecError, match="cannot extract"):
+    with pytest.raises(SpecError, match="hard link 'h' to 'not/in/archive': no such file"):
         pack_rootfs(archive, store)
     no_leftovers(store)
 
@@ -497,21 +502,88 @@ def test_oci_layout_missing_blob_is_refused(tmp_path: Path, store: ObjectStore) 
 
 
 @pytest.mark.parametrize(
-    "whiteout", [".wh...", ".wh..", "sub/.wh...", "../.wh.x", "/etc/.wh.passwd"]
+    "whiteout", [".wh...", ".wh..", "sub/.wh...", "../.wh.x", "/etc/.wh.passwd", "./.wh..."]
 )
-def test_oci_whiteout_cannot_reach_outside_the_tree(tmp_path: Path, whiteout: str) -> None:
-    scratch = tmp_path / "scratch"
-    dest = scratch / "dest"
-    (dest / "sub").mkdir(parents=True)
-    (dest / "sub" / "kept").write_text("kept")
-    (scratch / "sibling").write_text("beside the tree")
-    layer = io.BytesIO(tar_bytes([(whiteout, "file", b"")], mode="w"))
+def test_oci_whiteout_cannot_reach_outside_the_tree(
+    tmp_path: Path, store: ObjectStore, whiteout: str
+) -> None:
+    (tmp_path / "sibling").write_text("beside the tree")
+    layout = tmp_path / "oci"
+    make_oci(
+        layout,
+        [gz([("sub", "dir", 0o755), ("sub/kept", "file", b"kept")]), gz([(whiteout, "file", b"")])],
+        {},
+    )
 
-    with pytest.raises(SpecError, match="whiteout outside the image"):
-        extract_tar(layer, dest, oci_whiteouts=True)
-    assert (scratch / "sibling").read_text() == "beside the tree"
-    assert (dest / "sub" / "kept").read_text() == "kept"
+    with pytest.raises(SpecError, match="outside the image"):
+        pack_rootfs(layout, store)
+    no_leftovers(store)
+    assert (tmp_path / "sibling").read_text() == "beside the tree"
     assert Path("/etc/passwd").exists()
+
+
+def test_oci_hard_links_outlive_their_target_and_dirs_merge(
+    tmp_path: Path, store: ObjectStore
+) -> None:
+    """As layers extracted one over the other made it: a hard link keeps the file it
+    named when its target is deleted or replaced; a directory over a directory keeps
+    the children and takes the new mode; a file over a directory replaces it all."""
+    lower = [
+        ("gone", "file", b"v1 of gone"),
+        ("keeps-gone", "hard", "gone"),
+        ("replaced", "file", b"v1 of replaced"),
+        ("keeps-replaced", "hard", "replaced"),
+        ("shared", "file", b"both"),
+        ("also-shared", "hard", "shared"),
+        ("dir", "dir", 0o755),
+        ("dir/child", "file", b"child"),
+        ("was-dir", "dir", 0o755),
+        ("was-dir/deep", "dir", 0o755),
+        ("was-dir/deep/file", "file", b"x"),
+    ]
+    upper = [
+        (".wh.gone", "file", b""),
+        ("replaced", "file", b"v2 of replaced"),
+        ("dir", "dir", 0o700),
+        ("was-dir", "file", b"now a file"),
+    ]
+    make_oci(tmp_path / "oci", [gz(lower), gz(upper)], {})
+
+    image = object_path(store, pack_rootfs(tmp_path / "oci", store))
+    entries = listing(image)
+    assert sorted(entries) == [
+        "/", "also-shared", "dir", "dir/child", "keeps-gone", "keeps-replaced",
+        "replaced", "shared", "was-dir",
+    ]  # fmt: skip
+    assert entries["dir"][0] == "drwx------"
+    out = unsquash(image, tmp_path / "check")
+    assert (out / "keeps-gone").read_bytes() == b"v1 of gone"
+    assert (out / "keeps-replaced").read_bytes() == b"v1 of replaced"
+    assert (out / "replaced").read_bytes() == b"v2 of replaced"
+    assert (out / "was-dir").read_bytes() == b"now a file"
+    assert (out / "dir" / "child").read_bytes() == b"child"
+    assert os.stat(out / "shared").st_ino == os.stat(out / "also-shared").st_ino
+
+
+def test_tarball_times_and_names_of_owners_do_not_change_the_object(
+    tmp_path: Path, store: ObjectStore
+) -> None:
+    entries = [("etc", "dir", 0o755), ("etc/motd", "file", b"hi\n")]
+    first, second = tmp_path / "a.tar", tmp_path / "b.tar"
+    first.write_bytes(tar_bytes(entries, mode="w"))
+    with tarfile.open(second, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, kind, arg in entries:
+            info = tarfile.TarInfo(name)
+            info.mtime, info.uname, info.gname = 1_234_567_890.5, "someone", "staff"
+            if kind == "dir":
+                info.type, info.mode = tarfile.DIRTYPE, arg
+                tf.addfile(info)
+            else:
+                info.size, info.mode = len(arg), 0o644
+                tf.addfile(info, io.BytesIO(arg))
+
+    assert pack_rootfs(first, store) == pack_rootfs(second, store)
+    assert len(stored(store)) == 1
 
 
 # ---------------------------------------------------------------- 5. squashfs as is
@@ -666,11 +738,7 @@ def test_build_typo_fails_before_packing(tmp_path: Path) -> None:
     assert info.value.path == "$.containers.app"
     assert str(info.value).startswith("$.containers.app: ")
     assert "restartt" in str(info.value)
-    assert not (out / "state.json").exists()
-    objects = ObjectStore(out / "objects")
-    assert stored(objects) == []
-    assert [p.name for p in (out / "objects").iterdir()] in ([], [".tmp"])
-    assert list(objects.tmp.iterdir()) == []
+    assert not out.exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize(
@@ -708,3 +776,295 @@ def test_build_bad_unit_names_the_path(tmp_path: Path, field: str, value: str, p
         build(spec, tmp_path / "rev")
     assert info.value.path == path
     assert repr(value) in str(info.value)
+
+
+# ---------------------------------------------------------------- 8. hostile archives, CLI
+
+
+def pvpy(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``pvpy`` as a user runs it (tests/test_cli.py's way)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pvpy", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PVPY_DEBUG": ""},
+        timeout=300,
+    )
+
+
+def build_fails(spec: Path, out: Path, code: int = 4) -> str:
+    """``pvpy state build`` fails with ``code`` and one line, and leaves nothing in ``out``."""
+    result = pvpy("state", "build", spec, "--out", out)
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pvpy: error: "), result.stderr
+    assert not (out / "state.json").exists()
+    left = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert left == []
+    return lines[0]
+
+
+CHAIN_STEPS = "abcdefghijklmnop"
+
+
+def path_max_chain(
+    outside: Path, *, whole: bool
+) -> list[tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]]:
+    """CVE-2025-4517's members: 16 symlinks, each to a directory of 247 characters, so
+    that "a/b/.../p/lll..." resolves past PATH_MAX and non-strict realpath goes on
+    lexically, taking the last link ("l"*254, really the top) for a directory. The
+    kernel follows "escape" to ``outside``; realpath believes it stays in the tree.
+    ``whole``: with that last link (made through the chain) and members written and
+    replaced through "escape"; else the links alone, none of them used as a directory.
+    """
+    long_dir = "d" * 247
+    members: list[tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]] = []
+    path = ""
+    for step in CHAIN_STEPS:
+        directory = tarfile.TarInfo(os.path.join(path, long_dir))
+        directory.type, directory.mode = tarfile.DIRTYPE, 0o755
+        link = tarfile.TarInfo(os.path.join(path, step))
+        link.type, link.linkname = tarfile.SYMTYPE, long_dir
+        members += [directory, link]
+        path = os.path.join(path, long_dir)
+    top = tarfile.TarInfo(os.path.join(*CHAIN_STEPS, "l" * 254))
+    top.type, top.linkname = tarfile.SYMTYPE, os.path.join(*[".."] * len(CHAIN_STEPS))
+    escape = tarfile.TarInfo("escape")
+    escape.type = tarfile.SYMTYPE
+    escape.linkname = top.name + "/.." * (len(CHAIN_STEPS) + 1) + str(outside)
+    if whole:
+        members.append(top)
+    members.append(escape)
+    if whole:
+        members += through_escape()
+    return members
+
+
+def through_escape() -> list[tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]]:
+    written = tarfile.TarInfo("escape/escaped")
+    written.size = 7
+    replaced = tarfile.TarInfo("escape/sentinel")  # tarfile unlinked what was there first
+    replaced.type, replaced.linkname = tarfile.SYMTYPE, "gone"
+    return [(written, b"escaped"), replaced]
+
+
+def tar_of(members: list[tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for item in members:
+            info, data = item if isinstance(item, tuple) else (item, None)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory beside the build with a sentinel file that must survive it."""
+    place = tmp_path / "outside"
+    place.mkdir()
+    (place / "sentinel").write_text("keep me")
+    return place
+
+
+def assert_untouched(outside: Path) -> None:
+    assert sorted(os.listdir(outside)) == ["sentinel"]
+    assert not (outside / "sentinel").is_symlink()
+    assert (outside / "sentinel").read_text() == "keep me"
+
+
+def assert_escape_is_just_a_link(out: Path, outside: Path) -> None:
+    doc = json.loads((out / "state.json").read_text())
+    image = ObjectStore(out / "objects").path(doc["containers"]["app"]["rootfs"]["sha256"])
+    entries = listing(image)
+    assert entries["escape"][0].startswith("l")
+    assert entries["escape"][2].startswith("a/b/c/")
+    assert entries["escape"][2].endswith(str(outside))
+    assert not any(name.startswith("escape/") for name in entries)
+
+
+CHAIN_REFUSED = "lies under 'a', which is not a directory"  # "a/b/.../lll" goes through "a"
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["write-through", "links-only"])
+def test_path_max_symlink_chain_in_a_tarball_cannot_escape(
+    tmp_path: Path, outside: Path, whole: bool
+) -> None:
+    (tmp_path / "evil.tar").write_bytes(tar_of(path_max_chain(outside, whole=whole)))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "revision: 1\ncontainers:\n  app:\n    rootfs: {tar: evil.tar}\n    args: [/a]\n"
+    )
+    out = tmp_path / "rev"
+
+    if whole:
+        assert CHAIN_REFUSED in build_fails(spec, out)
+    else:
+        result = pvpy("state", "build", spec, "--out", out)
+        assert result.returncode == 0, result.stderr
+        assert_escape_is_just_a_link(out, outside)
+    assert_untouched(outside)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["write-through", "whiteout-only"])
+def test_path_max_symlink_chain_in_an_oci_layer_cannot_escape(
+    tmp_path: Path, outside: Path, whole: bool
+) -> None:
+    """The upper layer deletes through "escape" with a whiteout (the old code checked
+    its parent with realpath) and, whole, writes through it too."""
+    upper: list[tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]] = [
+        tarfile.TarInfo("escape/.wh.sentinel")
+    ]
+    if whole:
+        upper += through_escape()
+    layers = [tar_of(path_max_chain(outside, whole=whole)), tar_of(upper)]
+    make_oci(tmp_path / "oci", [gzip.compress(layer, mtime=0) for layer in layers], {})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("revision: 1\ncontainers:\n  app:\n    rootfs: {oci: oci}\n    args: [/a]\n")
+    out = tmp_path / "rev"
+
+    if whole:
+        assert CHAIN_REFUSED in build_fails(spec, out)
+    else:
+        result = pvpy("state", "build", spec, "--out", out)
+        assert result.returncode == 0, result.stderr
+        assert_escape_is_just_a_link(out, outside)
+    assert_untouched(outside)
+
+
+# ---------------------------------------------------------------- 9. broken sources, CLI
+
+
+def _rewrite_blob(layout: Path, digest: str, data: bytes) -> str:
+    """Replace the blob ``digest`` by ``data`` under its own (correct) digest, and
+    point every manifest and index at it; returns the new digest."""
+    new = str(_blob(layout, data)["digest"])
+    for path in [layout / "index.json", *(layout / "blobs" / "sha256").iterdir()]:
+        if path.is_file() and digest.encode() in path.read_bytes():
+            text = path.read_bytes().replace(digest.encode(), new.encode())
+            if path.name == "index.json":
+                path.write_bytes(text)
+            else:  # a manifest: store it again under its new digest
+                new_manifest = _rewrite_blob(layout, "sha256:" + path.name, text)
+                assert new_manifest
+    return new
+
+
+def _truncate(data: bytes) -> bytes:
+    return data[: len(data) * 2 // 3]
+
+
+def _flip(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
+
+
+def _xz(entries: list[tuple[str, str, Any]]) -> bytes:
+    return lzma.compress(tar_bytes(entries, mode="w"))
+
+
+def _break_index(layout: Path, digests: dict[str, str], text: str) -> None:
+    (layout / "index.json").write_text(text.replace("MANIFEST", digests["manifest"]))
+
+
+def _break_manifest(layout: Path, digests: dict[str, str], edit: str) -> None:
+    path = layout / "blobs" / "sha256" / digests["manifest"].removeprefix("sha256:")
+    manifest = json.loads(path.read_text())
+    if edit == "layers-not-a-list":
+        manifest["layers"] = {"a": 1}
+    elif edit == "layer-not-a-descriptor":
+        manifest["layers"] = ["sha256:" + "0" * 64]
+    elif edit == "no-config":
+        del manifest["config"]
+    elif edit == "layer-digest-not-a-string":
+        manifest["layers"][0]["digest"] = 12
+    _rewrite_blob(layout, digests["manifest"], json.dumps(manifest).encode())
+
+
+def _blob_to_directory(layout: Path, digest: str) -> None:
+    path = layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+    path.unlink()
+    path.mkdir()
+
+
+def _break_config(layout: Path, digests: dict[str, str], text: str) -> None:
+    _rewrite_blob(layout, digests["config"], text.encode())
+
+
+BROKEN_OCI: dict[str, Callable[[Path, dict[str, str]], object]] = {
+    "index-not-json": lambda lay, d: _break_index(lay, d, "{not json"),
+    "index-not-utf8": lambda lay, d: (lay / "index.json").write_bytes(b'{"manifests": "\xff"}'),
+    "index-a-list": lambda lay, d: _break_index(lay, d, "[]"),
+    "index-no-manifests": lambda lay, d: _break_index(lay, d, '{"schemaVersion": 2}'),
+    "index-manifests-not-objects": lambda lay, d: _break_index(lay, d, '{"manifests": [1]}'),
+    "index-manifest-without-digest": lambda lay, d: _break_index(lay, d, '{"manifests": [{}]}'),
+    "digest-not-sha256": lambda lay, d: _break_index(
+        lay, d, '{"manifests": [{"digest": "md5:0123"}]}'
+    ),
+    "digest-not-hex": lambda lay, d: _break_index(
+        lay, d, '{"manifests": [{"digest": "sha256:' + "Z" * 64 + '"}]}'
+    ),
+    "manifest-missing": lambda lay, d: (
+        lay / "blobs" / "sha256" / d["manifest"].removeprefix("sha256:")
+    ).unlink(),
+    "manifest-a-directory": lambda lay, d: _blob_to_directory(lay, d["manifest"]),
+    "manifest-layers-not-a-list": lambda lay, d: _break_manifest(lay, d, "layers-not-a-list"),
+    "manifest-layer-not-a-descriptor": lambda lay, d: _break_manifest(
+        lay, d, "layer-not-a-descriptor"
+    ),
+    "manifest-layer-digest-not-a-string": lambda lay, d: _break_manifest(
+        lay, d, "layer-digest-not-a-string"
+    ),
+    "manifest-no-config": lambda lay, d: _break_manifest(lay, d, "no-config"),
+    "config-a-list": lambda lay, d: _break_config(lay, d, "[]"),
+    "config-env-a-string": lambda lay, d: _break_config(lay, d, '{"config": {"Env": "A=1"}}'),
+    "config-cmd-not-strings": lambda lay, d: _break_config(lay, d, '{"config": {"Cmd": [1]}}'),
+    "layer-missing": lambda lay, d: (
+        lay / "blobs" / "sha256" / d["layer2"].removeprefix("sha256:")
+    ).unlink(),
+    "layer-corrupt": lambda lay, d: (
+        lay / "blobs" / "sha256" / d["layer1"].removeprefix("sha256:")
+    ).write_bytes(b"not what was hashed"),
+    "layer-truncated-gzip": lambda lay, d: _rewrite_blob(lay, d["layer1"], _truncate(gz(LAYER1))),
+    "layer-corrupt-gzip": lambda lay, d: _rewrite_blob(lay, d["layer1"], _flip(gz(LAYER1))),
+    "layer-truncated-xz": lambda lay, d: _rewrite_blob(lay, d["layer1"], _truncate(_xz(LAYER1))),
+    "layer-corrupt-xz": lambda lay, d: _rewrite_blob(lay, d["layer1"], _flip(_xz(LAYER1))),
+    "layer-not-a-tarball": lambda lay, d: _rewrite_blob(
+        lay, d["layer2"], gzip.compress(b"no tar here" * 100)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_OCI))
+def test_broken_oci_layout_is_one_line_and_exit_4(tmp_path: Path, case: str) -> None:
+    layout = tmp_path / "oci"
+    digests = make_oci(layout, [gz(LAYER1), gz(LAYER2)], CONFIG)
+    BROKEN_OCI[case](layout, digests)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("revision: 1\ncontainers:\n  app:\n    rootfs: {oci: oci}\n    args: [/a]\n")
+
+    line = build_fails(spec, tmp_path / "rev")
+    assert line.startswith("pvpy: error: $.containers.app.rootfs: ")
+
+
+BROKEN_TARBALLS: dict[str, Callable[[], bytes]] = {
+    "rootfs.tar.gz": lambda: _truncate(gz(LAYER1)),
+    "corrupt.tar.gz": lambda: _flip(gz(LAYER1)),
+    "rootfs.tar.xz": lambda: _truncate(_xz(LAYER1)),
+    "corrupt.tar.xz": lambda: _flip(_xz(LAYER1)),
+    "rootfs.tar.bz2": lambda: _truncate(tar_bytes(LAYER1, mode="w:bz2")),
+    "cut-in-data.tar": lambda: tar_bytes([("big", "file", os.urandom(4096))], mode="w")[:2048],
+    "empty.tar": lambda: b"",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_TARBALLS))
+def test_broken_tarball_is_one_line_and_exit_4(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(BROKEN_TARBALLS[name]())
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"revision: 1\ncontainers:\n  app:\n    rootfs: {{tar: {name}}}\n    args: [/a]\n"
+    )
+
+    line = build_fails(spec, tmp_path / "rev")
+    assert f"{name}: not a readable tarball" in line

@@ -4,16 +4,23 @@ Sources:
 
 - a directory                       -> mksquashfs
 - a tarball (.tar, .tar.gz, .tgz, .tar.xz, .tar.bz2)
-                                    -> extracted safely, then mksquashfs
+                                    -> read as a tar stream, then tar2sqfs
 - an OCI image layout directory (has ``oci-layout`` and ``index.json``)
-                                    -> blobs hash-checked, layers applied in
-                                       order with whiteouts, then mksquashfs
+                                    -> blobs hash-checked, layers merged in
+                                       order with whiteouts, then tar2sqfs
 - a squashfs file (.squashfs, .sqfs) -> stored as is
+
+Tarballs and OCI layers are never extracted: their members are merged as names
+in memory (tarmerge.py) and the one merged stream becomes the image through
+tar2sqfs (Debian's squashfs-tools-ng). Extracting a third-party archive as root
+and checking paths with realpath is not safe (CVE-2025-4517; tarmerge.py says
+why); a directory is the developer's own tree, so mksquashfs reads it.
 
 Why squashfs: read-only, compressed, mountable by every Linux kernel without
 unpacking (the device mounts it as the overlay's lower layer), and built by
-Debian's squashfs-tools. Images are made reproducible (fixed times, sorted by
-mksquashfs) so the same tree gives the same object and updates send nothing.
+Debian's squashfs-tools. Images are made reproducible (every time 0; mksquashfs
+sorts a directory, tar2sqfs keeps the merged stream's order, which depends on
+the input only) so the same input gives the same object and updates send nothing.
 
 Compression: zstd by default. Against gzip (mksquashfs's default) it gave
 6-10% smaller images that a freshly mounted image reads 1.2-1.9x faster
@@ -28,19 +35,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Literal
 
 from pvpy import _run
-from pvpy.errors import SpecError
+from pvpy.errors import SpecError, one_line
 from pvpy.store import ObjectStore
+from pvpy.workstation.tarmerge import LayerMerge
 
 COMPRESSORS = ("gzip", "xz", "zstd", "lz4", "lzo")
 DEFAULT_COMPRESSION = "zstd"
@@ -66,12 +77,16 @@ class PackedImage:
     config: ImageConfig
 
 
+def _check_compression(compression: str) -> None:
+    if compression not in COMPRESSORS:
+        raise SpecError(f"unknown compression {compression!r} (one of {', '.join(COMPRESSORS)})")
+
+
 def squash_dir(
     src: Path, out: Path, compression: str = DEFAULT_COMPRESSION, all_root: bool = False
 ) -> None:
     """mksquashfs ``src`` into the file ``out``. Raises SpecError / CommandError."""
-    if compression not in COMPRESSORS:
-        raise SpecError(f"unknown compression {compression!r} (one of {', '.join(COMPRESSORS)})")
+    _check_compression(compression)
     if _run.which("mksquashfs") is None:
         raise SpecError("mksquashfs not found: install Debian's squashfs-tools")
     argv = [
@@ -92,86 +107,90 @@ def squash_dir(
     _run.run(argv, env=env)
 
 
-def _inside(root: Path, path: Path) -> bool:
-    root_real = os.path.realpath(root)
-    return os.path.commonpath([root_real, os.path.realpath(path)]) == root_real
+# What a broken archive raises while tarfile reads it (bad headers, a truncated or
+# corrupt gzip/xz/bz2 stream, names that do not decode): each becomes a SpecError.
+_ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 
 
-def extract_tar(archive: Path | BinaryIO, dest: Path, *, oci_whiteouts: bool = False) -> None:
-    """Extract a tarball into ``dest`` without letting any entry escape it.
-
-    With ``oci_whiteouts``, ``.wh.NAME`` deletes NAME from the lower layers
-    and ``.wh..wh..opq`` empties its directory first (OCI image spec, layer
-    changesets); whiteouts apply before the layer's own entries.
-    Raises SpecError.
-    """
+@contextlib.contextmanager
+def _reading(what: str | Path) -> Iterator[None]:
+    """Say in one line which archive is broken, whatever broke in it."""
     try:
-        if isinstance(archive, Path):
-            tf = tarfile.open(archive)  # noqa: SIM115 - closed by the with below
-        else:
-            tf = tarfile.open(fileobj=archive)  # noqa: SIM115
-    except (tarfile.TarError, OSError) as e:
-        name = archive if isinstance(archive, Path) else "layer"
-        raise SpecError(f"{name}: not a readable tarball: {e}") from e
-    with tf:
-        try:
-            members = tf.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise SpecError(f"broken tarball: {e}") from e
-        regular = []
-        for m in members:
-            base = os.path.basename(m.name.rstrip("/"))
-            if oci_whiteouts and base.startswith(".wh."):
-                parent = dest / os.path.dirname(m.name.rstrip("/"))
-                if not _inside(dest, parent):
-                    raise SpecError(f"whiteout outside the image: {m.name}")
-                if base == ".wh..wh..opq":
-                    if parent.is_dir():
-                        for child in parent.iterdir():
-                            _remove(child)
-                else:
-                    victim = parent / base[len(".wh.") :]
-                    # ".wh..." would name parent/.. (pathlib keeps ".."): refuse it.
-                    if base in (".wh.", ".wh..", ".wh...") or not _inside(dest, victim.parent):
-                        raise SpecError(f"whiteout outside the image: {m.name}")
-                    _remove(victim)
-                continue
-            regular.append(m)
-        try:
-            tf.extractall(dest, members=regular, filter=_rootfs_filter)
-        except (tarfile.TarError, OSError, KeyError) as e:
-            # KeyError: a hard link to a name the archive does not hold.
-            raise SpecError(f"cannot extract: {e}") from e
+        yield
+    except _ARCHIVE_ERRORS as e:
+        raise SpecError(
+            f"{what}: not a readable tarball: {one_line(str(e)) or type(e).__name__}"
+        ) from e
 
 
-def _rootfs_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's "tar" filter (refuses "..", and writes that would land outside
-    dest through a symlink; keeps ownership), plus what it lets through:
-    absolute names are refused, not stripped; hard links must point inside dest
-    (else os.link would pull a host file into the image, and later writes or
-    chmods to the link would change the host file). Modes are kept as is: a
-    rootfs needs its setuid bits and its sticky, world-writable /tmp.
+# Compressions by their magic bytes: opening with the one named makes its error the
+# message (tarfile's "r:*" lists every method it tried).
+_TarReadMode = Literal["r:", "r:gz", "r:bz2", "r:xz"]
+_TAR_COMPRESSIONS: tuple[tuple[bytes, _TarReadMode], ...] = (
+    (b"\x1f\x8b", "r:gz"),
+    (b"BZh", "r:bz2"),
+    (b"\xfd7zXZ\x00", "r:xz"),
+)
+
+
+def _open_tar(archive: Path | bytes) -> tarfile.TarFile:
+    """A tarball, compressed (gzip, xz, bz2) or not, opened for reading its members."""
+    if isinstance(archive, Path):
+        with open(archive, "rb") as f:
+            head = f.read(6)
+    else:
+        head = archive[:6]
+    mode: _TarReadMode = next((m for magic, m in _TAR_COMPRESSIONS if head.startswith(magic)), "r:")
+    if isinstance(archive, Path):
+        return tarfile.open(archive, mode)
+    return tarfile.open(fileobj=io.BytesIO(archive), mode=mode)
+
+
+def squash_tar_layers(
+    layers: Sequence[tuple[str, Path | bytes]],
+    out: Path,
+    compression: str = DEFAULT_COMPRESSION,
+    all_root: bool = False,
+    *,
+    oci_whiteouts: bool = False,
+) -> None:
+    """Merge tar ``layers`` (named for errors; a tarball is one layer) and tar2sqfs
+    the result into the file ``out``. No member is ever written to the filesystem
+    (tarmerge.py says why). Raises SpecError / CommandError.
     """
-    if member.name.startswith(("/", os.sep)):
-        raise tarfile.AbsolutePathError(member)
-    if member.islnk():
-        target = os.path.join(dest, member.linkname)
-        if os.path.isabs(member.linkname) or not _inside(Path(dest), Path(target)):
-            raise tarfile.LinkOutsideDestinationError(member, os.path.realpath(target))
-    return tarfile.tar_filter(member, dest).replace(mode=member.mode, deep=False)
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
+    _check_compression(compression)
+    if _run.which("tar2sqfs") is None:
+        raise SpecError("tar2sqfs not found: install Debian's squashfs-tools-ng")
+    merge = LayerMerge()
+    argv = [
+        "tar2sqfs", "--quiet",
+        "--no-skip",  # a record it cannot read fails the build, never a smaller image
+        "--no-xattr",  # as mksquashfs of an extracted tree: tarfile never restored them
+        "--exportable",  # as mksquashfs makes them
+        "--compressor", compression,
+        # Parents the stream only implies: as mkdir made them; times 0, for reproducible images.
+        "--defaults", "uid=0,gid=0,mode=0755,mtime=0",
+        str(out),
+    ]  # fmt: skip
+    # The merged stream goes through a temp file beside the image, not memory: a
+    # distribution's rootfs is hundreds of MB uncompressed.
+    with tempfile.TemporaryFile(dir=Path(out).parent) as stream:
+        with contextlib.ExitStack() as open_layers:
+            for what, layer in layers:
+                with _reading(what):
+                    archive = open_layers.enter_context(_open_tar(layer))
+                    merge.add_layer(archive, oci_whiteouts=oci_whiteouts)
+            with _reading(", ".join(what for what, _ in layers)):  # data may be cut short
+                merge.write(stream, all_root=all_root)
+        stream.flush()
+        stream.seek(0)
+        _run.run(argv, stdin=stream)
 
 
 def _read_blob(layout: Path, digest: str) -> bytes:
     algo, _, hexd = digest.partition(":")
     if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
-        raise SpecError(f"unsupported digest {digest!r}")
+        raise SpecError(f"{layout}: unsupported digest {digest!r} (sha256:HEX)")
     path = layout / "blobs" / "sha256" / hexd
     try:
         data = path.read_bytes()
@@ -193,67 +212,101 @@ def is_oci_layout(path: Path) -> bool:
     return (path / "oci-layout").is_file() and (path / "index.json").is_file()
 
 
+def _digest_of(descriptor: Any, where: str) -> str:
+    """The digest of an OCI descriptor (a JSON object); SpecError when it is not one."""
+    digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
+    if not isinstance(digest, str):
+        raise SpecError(f"{where}: not a descriptor with a digest")
+    return digest
+
+
 def _pick_manifest(layout: Path, tag: str | None) -> dict[str, Any]:
     index = _load_json(layout / "index.json")
-    manifests = index.get("manifests", []) if isinstance(index, dict) else []
+    manifests = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
+        raise SpecError(f"{layout}: index.json has no list of manifests")
     if tag is not None:
         manifests = [
             m
             for m in manifests
-            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
+            if isinstance(m.get("annotations"), dict)
+            and m["annotations"].get("org.opencontainers.image.ref.name") == tag
         ]
     if len(manifests) != 1:
         what = f"tag {tag!r}" if tag else "exactly one image (name a tag)"
         raise SpecError(f"{layout}: index.json does not hold {what}")
     desc = manifests[0]
-    doc = _blob_json(layout, desc["digest"])
-    if desc.get("mediaType", doc.get("mediaType", "")).endswith("image.index.v1+json"):
+    digest = _digest_of(desc, f"{layout}: index.json")
+    doc = _blob_json(layout, digest)
+    media = desc.get("mediaType") or (doc.get("mediaType") if isinstance(doc, dict) else "")
+    if isinstance(media, str) and media.endswith("image.index.v1+json"):
         raise SpecError(f"{layout}: multi-platform index; pick one platform's manifest first")
-    if not isinstance(doc, dict) or "layers" not in doc:
-        raise SpecError(f"{layout}: {desc['digest']} is not an image manifest")
+    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
+        raise SpecError(f"{layout}: {digest} is not an image manifest")
     return doc
 
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())
     except (OSError, ValueError) as e:
-        raise SpecError(f"{path}: unreadable JSON: {e}") from e
+        raise SpecError(f"{path}: unreadable JSON: {one_line(str(e))}") from e
 
 
-def unpack_oci(layout: Path, tag: str | None, dest: Path) -> ImageConfig:
-    """Apply the layers of an OCI image layout into ``dest``; return its run config."""
-    import gzip
-    import io
-    import lzma
-
-    manifest = _pick_manifest(layout, tag)
+def _oci_layers(layout: Path, manifest: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The manifest's layers, hash-checked, still compressed (tarfile opens them)."""
+    layers = []
     for layer in manifest["layers"]:
-        blob = _read_blob(layout, layer["digest"])
-        media = layer.get("mediaType", "")
-        if media.endswith("+gzip") or blob[:2] == b"\x1f\x8b":
-            blob = gzip.decompress(blob)
-        elif media.endswith("+zstd"):
+        digest = _digest_of(layer, f"{layout}: a layer of the manifest")
+        media = layer.get("mediaType")
+        if isinstance(media, str) and media.endswith("+zstd"):
             raise SpecError(f"{layout}: zstd layers are not supported yet")
-        elif blob[:6] == b"\xfd7zXZ\x00":
-            blob = lzma.decompress(blob)
-        extract_tar(io.BytesIO(blob), dest, oci_whiteouts=True)
-    config = _blob_json(layout, manifest["config"]["digest"]).get("config") or {}
+        layers.append((f"{layout}: layer {digest}", _read_blob(layout, digest)))
+    return layers
+
+
+def _image_config(layout: Path, manifest: dict[str, Any]) -> ImageConfig:
+    """The run defaults of an image's config blob; SpecError when they are malformed."""
+    digest = _digest_of(manifest.get("config"), f"{layout}: the manifest's config")
+    doc = _blob_json(layout, digest)
+    where = f"{layout}: config {digest}"
+    if not isinstance(doc, dict):
+        raise SpecError(f"{where}: not an image config")
+    config = doc.get("config") or {}
+    if not isinstance(config, dict):
+        raise SpecError(f"{where}: 'config' is not an object")
+
+    def strings(key: str) -> list[str]:
+        value = config.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SpecError(f"{where}: {key} is not a list of strings")
+        return value
+
     env = {}
-    for item in config.get("Env") or []:
+    for item in strings("Env"):
         key, _, value = item.partition("=")
         env[key] = value
+    cwd = config.get("WorkingDir") or None
+    if cwd is not None and not isinstance(cwd, str):
+        raise SpecError(f"{where}: WorkingDir is not a string")
     user = None
     if config.get("User"):
         uid, _, gid = str(config["User"]).partition(":")
         if uid.isdigit() and (gid.isdigit() or not gid):
             user = (int(uid), int(gid or 0))
-    return ImageConfig(
-        args=list(config.get("Entrypoint") or []) + list(config.get("Cmd") or []),
-        env=env,
-        cwd=config.get("WorkingDir") or None,
-        user=user,
-    )
+    return ImageConfig(args=strings("Entrypoint") + strings("Cmd"), env=env, cwd=cwd, user=user)
+
+
+def squash_oci(
+    layout: Path, tag: str | None, out: Path, compression: str, all_root: bool
+) -> ImageConfig:
+    """Squash an OCI image layout's layers (in order, with whiteouts) into ``out``;
+    return its run config. Raises SpecError / CommandError."""
+    manifest = _pick_manifest(layout, tag)
+    config = _image_config(layout, manifest)
+    layers = _oci_layers(layout, manifest)
+    squash_tar_layers(layers, out, compression, all_root, oci_whiteouts=True)
+    return config
 
 
 def _magic(path: Path) -> bytes:
@@ -292,17 +345,11 @@ def pack_rootfs(
     with _scratch(store.tmp) as tmp:
         image = tmp / "image.squashfs"
         if source.is_dir() and is_oci_layout(source):
-            tree = tmp / "tree"
-            tree.mkdir()
-            config = unpack_oci(source, tag, tree)
-            squash_dir(tree, image, compression, all_root)
+            config = squash_oci(source, tag, image, compression, all_root)
         elif source.is_dir():
             squash_dir(source, image, compression, all_root)
         elif name.endswith(TAR_SUFFIXES):
-            tree = tmp / "tree"
-            tree.mkdir()
-            extract_tar(source, tree)
-            squash_dir(tree, image, compression, all_root)
+            squash_tar_layers([(str(source), source)], image, compression, all_root)
         else:
             raise SpecError(
                 f"{source}: not a directory, tarball ({', '.join(TAR_SUFFIXES)}), "

@@ -25,6 +25,7 @@ stale signature. See ``examples/demo/spec.yaml``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pvpy.errors import ManifestError, SpecError
+from pvpy.errors import ManifestError, SpecError, UsageError
 from pvpy.state import SPEC, State, canonical, json_path, validate
 from pvpy.store import SIGNATURE_FILE, STATE_FILE, ObjectStore, write_atomic
 from pvpy.workstation.pack import DEFAULT_COMPRESSION, pack_rootfs
@@ -70,35 +71,62 @@ def load_spec(path: Path) -> dict[str, Any]:
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SpecError(f"{path}:{where}: invalid YAML: {problem}") from e
+    except ValueError as e:  # a value YAML cannot construct, e.g. the date 2030-13-45
+        raise SpecError(f"{path}: invalid YAML value: {e}") from e
     if not isinstance(doc, dict):
         raise SpecError(f"{path}: a spec is a YAML mapping")
     return doc
 
 
-def _convert_units(value: Any, key: str, path: list[Any]) -> Any:
-    """Turn "30s" into 30000 for *_ms keys and "64M" into bytes for sizes."""
-    if isinstance(value, dict):
-        return {k: _convert_units(v, k, [*path, k]) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_convert_units(v, key, [*path, i]) for i, v in enumerate(value)]
-    if isinstance(value, str) and key.endswith("_ms"):
-        m = _DURATION.match(value)
-        if not m:
-            raise SpecError(f"not a duration (e.g. 500ms, 30s, 2m): {value!r}", json_path(path))
-        return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if isinstance(value, str) and key in SIZE_KEYS:
-        m = _SIZE.match(value)
-        if not m:
-            raise SpecError(f"not a size (e.g. 64M, 1G): {value!r}", json_path(path))
-        unit = (m.group(2) or "").upper().rstrip("B").rstrip("I") or ""
-        return int(m.group(1)) * _SIZE_UNITS[unit or ""]
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(dt.UTC).replace(tzinfo=None)
-        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-    if isinstance(value, float):
-        raise SpecError("use an integer (no fractions)", json_path(path))
-    return value
+# A spec nests a few levels deep and holds hundreds of values. YAML aliases can make a
+# value that holds itself (endless) or repeat a subtree (exponential): refuse both
+# rather than exhaust the stack or hang the build.
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_VALUES = 100_000
+
+
+def _convert_units(doc: dict[str, Any]) -> dict[str, Any]:
+    """Turn "30s" into 30000 for *_ms keys and "64M" into bytes for sizes; return a
+    new tree (no value shared through aliases)."""
+    left = MAX_SPEC_VALUES
+
+    def convert(value: Any, key: Any, path: list[Any]) -> Any:
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise SpecError(f"more than {MAX_SPEC_VALUES} values (YAML aliases repeating one?)")
+        if len(path) > MAX_SPEC_DEPTH:
+            where = json_path(path[:MAX_SPEC_DEPTH])
+            raise SpecError(f"nested deeper than {MAX_SPEC_DEPTH} (a YAML alias in itself?)", where)
+        if isinstance(value, dict):
+            return {k: convert(v, k, [*path, k]) for k, v in value.items()}
+        if isinstance(value, list):
+            return [convert(v, key, [*path, i]) for i, v in enumerate(value)]
+        if isinstance(value, str) and isinstance(key, str) and key.endswith("_ms"):
+            m = _DURATION.match(value)
+            if not m:
+                raise SpecError(f"not a duration (e.g. 500ms, 30s, 2m): {value!r}", json_path(path))
+            return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        if isinstance(value, str) and key in SIZE_KEYS:
+            m = _SIZE.match(value)
+            if not m:
+                raise SpecError(f"not a size (e.g. 64M, 1G): {value!r}", json_path(path))
+            unit = (m.group(2) or "").upper().rstrip("B").rstrip("I") or ""
+            return int(m.group(1)) * _SIZE_UNITS[unit or ""]
+        if isinstance(value, dt.datetime):
+            if value.tzinfo is not None:
+                value = value.astimezone(dt.UTC).replace(tzinfo=None)
+            return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if isinstance(value, float):
+            raise SpecError("use an integer (no fractions)", json_path(path))
+        return value
+
+    converted: dict[str, Any] = convert(doc, "", [])
+    return converted
+
+
+_SOURCE_KINDS = ("dir", "tar", "oci", "file", "squashfs")
+_SOURCE_OPTIONS = {"tag": str, "compression": str, "all_root": bool}
 
 
 def _source(spec_dir: Path, value: Any, where: str) -> tuple[Path, dict[str, Any]]:
@@ -106,35 +134,72 @@ def _source(spec_dir: Path, value: Any, where: str) -> tuple[Path, dict[str, Any
     if isinstance(value, str):
         return spec_dir / value, {}
     if isinstance(value, dict):
-        kinds = [k for k in ("dir", "tar", "oci", "file", "squashfs") if k in value]
+        kinds = [k for k in _SOURCE_KINDS if k in value]
         if len(kinds) == 1 and isinstance(value[kinds[0]], str):
             options = {k: v for k, v in value.items() if k != kinds[0]}
-            unknown = set(options) - {"tag", "compression", "all_root"}
+            unknown = set(options) - set(_SOURCE_OPTIONS)
             if unknown:
-                raise SpecError(f"unknown source option(s) {sorted(unknown)}", where)
+                raise SpecError(f"unknown source option(s) {sorted(map(str, unknown))}", where)
+            for option, kind in _SOURCE_OPTIONS.items():
+                if option in options and not isinstance(options[option], kind):
+                    raise SpecError(f"{option} must be a {kind.__name__}", f"{where}.{option}")
             return spec_dir / value[kinds[0]], options
     raise SpecError("a source is a path or {dir|tar|oci|file: PATH, ...}", where)
 
 
+def _created_now() -> str:
+    """SOURCE_DATE_EPOCH (reproducible builds) or now, as a state's ``created``."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    try:
+        when = dt.datetime.fromtimestamp(int(epoch), dt.UTC) if epoch else dt.datetime.now(dt.UTC)
+    except (ValueError, OverflowError, OSError) as e:
+        raise UsageError(f"SOURCE_DATE_EPOCH is not a time in seconds: {epoch!r}") from e
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def build(spec_path: Path, out: Path, revision: int | None = None) -> BuildResult:
-    """Build the revision a spec describes into ``out``. Raises SpecError/ManifestError."""
-    spec_path = Path(spec_path)
+    """Build the revision a spec describes into ``out``. Raises SpecError/ManifestError.
+
+    A build that fails leaves ``out`` as it found it: the objects it added and the
+    directories it made are removed (an earlier build's state and objects stay).
+    """
+    spec_path, out = Path(spec_path), Path(out)
     spec_dir = spec_path.parent
-    doc = _convert_units(load_spec(spec_path), "", [])
+    doc = _convert_units(load_spec(spec_path))
     if not isinstance(doc.get("containers", {}), dict):
         raise SpecError("containers must be a mapping of name to container", "$.containers")
-    store = ObjectStore(Path(out) / "objects").ensure()
-    before = set(store.names())
-
     doc["#spec"] = SPEC
     if revision is not None:
         doc["revision"] = revision
     if "created" not in doc:
-        epoch = os.environ.get("SOURCE_DATE_EPOCH")
-        when = dt.datetime.fromtimestamp(int(epoch), dt.UTC) if epoch else dt.datetime.now(dt.UTC)
-        doc["created"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+        doc["created"] = _created_now()
+    _prevalidate(doc)  # before anything is written: a typo fails before minutes of packing
 
-    _prevalidate(doc)
+    store = ObjectStore(out / "objects")
+    made = [d for d in (out, store.root, store.tmp) if not d.exists()]
+    store.ensure()
+    before = set(store.names())
+    try:
+        state = _pack_objects(doc, spec_dir, store)
+    except BaseException:
+        store.gc(before)
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):  # only if empty: never what others put there
+                directory.rmdir()
+        raise
+    data = canonical.encode(state.to_dict())
+    # A new state invalidates any old signature: remove it before writing.
+    (out / SIGNATURE_FILE).unlink(missing_ok=True)
+    write_atomic(out / STATE_FILE, data)
+    # Objects of earlier builds into the same dir are not part of this one.
+    store.gc(state.objects())
+    added = len(set(state.objects()) - before)
+    return BuildResult(state=state, out=out, objects_added=added)
+
+
+def _pack_objects(doc: dict[str, Any], spec_dir: Path, store: ObjectStore) -> State:
+    """Put the spec's objects into ``store``, replace their sources by references in
+    ``doc``, and return the state it describes."""
     bsp = doc.get("bsp")
     if isinstance(bsp, dict):
         for key in BSP_FILES:
@@ -164,16 +229,7 @@ def build(spec_path: Path, out: Path, revision: int | None = None) -> BuildResul
             c["user"] = {"uid": config.user[0], "gid": config.user[1]}
 
     validate(doc)
-    state = State.from_dict(doc)
-    data = canonical.encode(state.to_dict())
-    out = Path(out)
-    # A new state invalidates any old signature: remove it before writing.
-    (out / SIGNATURE_FILE).unlink(missing_ok=True)
-    write_atomic(out / STATE_FILE, data)
-    # Objects of earlier builds into the same dir are not part of this one.
-    store.gc(state.objects())
-    added = len(set(state.objects()) - before)
-    return BuildResult(state=state, out=out, objects_added=added)
+    return State.from_dict(doc)
 
 
 _PLACEHOLDER = {"sha256": "0" * 64, "size": 0}

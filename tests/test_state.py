@@ -269,3 +269,114 @@ def test_mutated_containers_never_crash(changes: list[tuple[str, Any]]) -> None:
         assert "\n" not in str(e)
     else:  # whatever passes validation must load into the model
         State.from_dict(doc).to_dict()
+
+
+# -- hardening (#13): names end where they seem to, app privileges are said out loud --
+
+ROOTFS = {"sha256": "a" * 64, "size": 1, "format": "squashfs"}
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        (lambda d: d["containers"].update({"web\n": d["containers"]["app"]}), "$.containers"),
+        (
+            lambda d: d["containers"]["app"].update(
+                volumes=[{"name": "data\n", "target": "/data", "persistence": "boot"}]
+            ),
+            "$.containers.app.volumes[0].name",
+        ),
+        (lambda d: d.update(groups=[{"name": "app\n"}]), "$.groups[0].name"),
+        (
+            lambda d: d["containers"]["app"]["rootfs"].update(sha256="a" * 64 + "\n"),
+            "$.containers.app.rootfs.sha256",
+        ),
+        (lambda d: d.update(fleet="acme/demo\n"), "$.fleet"),
+        (lambda d: d.update(created="2026-11-23T10:00:00Z\n"), "$.created"),
+        (lambda d: d["containers"]["app"].update(hostname="web\n"), "$.containers.app.hostname"),
+        (
+            lambda d: d["containers"]["app"].update(capabilities=["CAP_KILL\n"]),
+            "$.containers.app.capabilities[0]",
+        ),
+    ],
+    ids=["container", "volume", "group", "sha256", "fleet", "timestamp", "hostname", "cap"],
+)
+def test_a_trailing_newline_is_not_part_of_a_name(change: Any, path: str) -> None:
+    # Python's re.search lets "$" match before a final "\n": the patterns must not
+    doc = minimal_state()
+    change(doc)
+    with pytest.raises(ManifestError) as e:
+        validate(doc)
+    assert e.value.path == path and "does not match" in e.value.reason
+
+
+def test_app_defaults_are_podmans_capabilities_seccomp_and_no_host_access() -> None:
+    doc = minimal_state()
+    doc["containers"]["os"] = {"role": "host-os", "rootfs": ROOTFS, "args": ["/sbin/init"]}
+    state = State.from_dict(doc)
+    app, host = state.container("app"), state.container("os")
+    assert set(app.capabilities) == {
+        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+        "CAP_NET_BIND_SERVICE", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID",
+        "CAP_SYS_CHROOT",
+    }  # fmt: skip
+    assert (app.seccomp, app.privileges.host_mounts, app.privileges.sys) == (
+        "default", False, "ro")  # fmt: skip
+    assert (host.seccomp, host.privileges.host_mounts, host.privileges.sys) == (
+        "unconfined", True, "rw")  # fmt: skip
+    # every default is written out: a reviewer sees them in state.json
+    written = state.to_dict()["containers"]["app"]
+    assert written["seccomp"] == "default" and written["devices"] == []
+    assert written["privileges"] == {"host_mounts": False, "sys": "ro"}
+    assert State.from_dict(state.to_dict()) == state
+
+
+@pytest.mark.parametrize(
+    ("container", "path", "reason"),
+    [
+        ({"mounts": [{"type": "bind", "source": "/etc", "target": "/host-etc"}]},
+         "$.containers.app.mounts[0]", "privileges.host_mounts: true"),
+        ({"mounts": [{"type": "sysfs", "target": "/sys2"}]},
+         "$.containers.app.mounts[0]", "privileges.sys: rw"),
+        ({"devices": [{"path": "/dev/../etc/x", "type": "c", "major": 1, "minor": 3}]},
+         "$.containers.app.devices[0].path", "'..'"),
+        ({"devices": [{"path": "/dev/ttyUSB0", "type": "c", "major": 188, "minor": 0,
+                       "access": "x"}]},
+         "$.containers.app.devices[0].access", "does not match"),
+        ({"seccomp": "lenient"}, "$.containers.app.seccomp", "is not one of"),
+        ({"role": "host-os", "privileges": {"host_mounts": False}},
+         "$.containers.app.privileges", "privileged"),
+        ({"role": "host-os", "devices": [{"path": "/dev/x", "type": "c", "major": 1,
+                                          "minor": 3}]},
+         "$.containers.app.devices", "every device"),
+    ],
+)  # fmt: skip
+def test_host_access_needs_a_visible_opt_in(
+    container: dict[str, Any], path: str, reason: str
+) -> None:
+    doc = minimal_state()
+    doc["containers"]["app"].update(container)
+    with pytest.raises(ManifestError) as e:
+        validate(doc)
+    assert e.value.path == path and reason in e.value.reason, str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_opted_in_host_access_validates_and_round_trips() -> None:
+    doc = minimal_state()
+    doc["containers"]["app"].update(
+        mounts=[
+            {"type": "bind", "source": "/etc", "target": "/host-etc", "options": ["ro"]},
+            {"type": "sysfs", "target": "/sys2"},
+            {"type": "tmpfs", "target": "/scratch"},  # not the host's: no opt-in needed
+        ],
+        privileges={"host_mounts": True, "sys": "rw"},
+        devices=[{"path": "/dev/ttyUSB0", "type": "c", "major": 188, "minor": 0}],
+        seccomp="unconfined",
+    )
+    validate(doc)
+    state = State.from_dict(doc)
+    app = state.container("app")
+    assert app.devices[0].access == "rw" and app.seccomp == "unconfined"
+    validate(state.to_dict())
+    assert State.from_dict(state.to_dict()) == state

@@ -17,7 +17,11 @@ For each container of a revision:
 The host OS container is privileged in the init user namespace: every
 capability this kernel lets us hold, host /dev, /sys read-write, no masked
 paths. App containers get their own namespaces, the capabilities and cgroup
-limits of their manifest, masked /proc paths and no new privileges.
+limits of their manifest (Podman's capability set by default), masked /proc
+paths, no new privileges, a read-only /sys unless ``privileges.sys`` says rw,
+a devices cgroup allow-list and containers-common's default seccomp profile
+(``pvpy.device.confinement``); their readiness checks run with no new
+privileges too.
 
 Outside failures (mount, crun) are translated to ContainerError here.
 """
@@ -30,10 +34,10 @@ from pathlib import Path
 
 from pvpy import _run
 from pvpy._record import Record
-from pvpy.device import _linux
+from pvpy.device import _linux, confinement
 from pvpy.errors import CommandError, ContainerError
 from pvpy.log import get_logger
-from pvpy.state.model import Container, Volume
+from pvpy.state.model import SECCOMP_DEFAULT, Container, Volume
 from pvpy.store import remove_tree
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
@@ -165,7 +169,7 @@ def oci_config(
             {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
              "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
+             "options": ["nosuid", "noexec", "nodev", c.privileges.sys]},
             {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "nodev", "mode=755"]},
         ]  # fmt: skip
@@ -206,8 +210,10 @@ def oci_config(
         cpu["quota"] = limits.cpu_max_percent * 1_000
     if cpu:
         resources["cpu"] = cpu
-    if host:
-        resources["devices"] = [{"allow": True, "access": "rwm"}]
+    # devices: the host OS has them all; an app what confinement allows it
+    resources["devices"] = (
+        [{"allow": True, "access": "rwm"}] if host else confinement.device_rules(c)
+    )
 
     linux: dict[str, Any] = {
         "namespaces": namespaces,
@@ -217,6 +223,14 @@ def oci_config(
     if not host:
         linux["maskedPaths"] = MASKED_PATHS
         linux["readonlyPaths"] = READONLY_PATHS
+        if c.devices:
+            linux["devices"] = confinement.device_nodes(c)
+    if c.seccomp == SECCOMP_DEFAULT:
+        try:
+            linux["seccomp"] = confinement.default_seccomp(caps)
+        except (OSError, ValueError) as e:
+            # never run an app unconfined because the profile went missing
+            raise ContainerError(f"{c.name}: cannot read the seccomp profile: {e}") from e
 
     return {
         "ociVersion": "1.0.2",
@@ -384,7 +398,10 @@ class Runtime:
         ]  # fmt: skip
 
     def exec_argv(self, c: Container, argv: list[str]) -> list[str]:
-        return [*self._base(), "exec", c.name, *argv]
+        """argv that runs ``argv`` in the running container (readiness checks). Without
+        --no-new-privs the exec'd process could gain privileges (setuid binaries, file
+        capabilities) that the container's own processes cannot."""
+        return [*self._base(), "exec", "--no-new-privs", c.name, *argv]
 
     def kill(self, name: str, signal_name: str = "TERM") -> None:
         try:

@@ -18,10 +18,12 @@ from pvpy.state.model import (
     Bsp,
     CgroupLimits,
     Container,
+    Device,
     Group,
     Image,
     Mount,
     ObjectRef,
+    Privileges,
     Readiness,
     RestartPolicy,
     State,
@@ -37,10 +39,12 @@ __all__ = [
     "Bsp",
     "CgroupLimits",
     "Container",
+    "Device",
     "Group",
     "Image",
     "Mount",
     "ObjectRef",
+    "Privileges",
     "Readiness",
     "RestartPolicy",
     "State",
@@ -133,12 +137,49 @@ def _check_rules(doc: dict[str, Any]) -> None:
         names = [v["name"] for v in c.get("volumes", [])]
         if len(set(names)) != len(names):
             raise ManifestError("volume names must be unique", f"{where}.volumes")
+        _check_privileges(c, where)
         restart = c.get("restart", {})
         if restart.get("backoff_initial_ms", 0) > restart.get("backoff_max_ms", 86_400_000):
             raise ManifestError(
                 "backoff_initial_ms is larger than backoff_max_ms", f"{where}.restart"
             )
     _check_cycles(containers)
+
+
+def _check_privileges(c: dict[str, Any], where: str) -> None:
+    """What reaches the host must be asked for, visibly: an app's host bind mounts
+    need ``privileges.host_mounts``, a writable sysfs ``privileges.sys: rw``. The
+    host OS container has all of it and cannot be said to have less."""
+    devices = c.get("devices", [])
+    paths = [d["path"] for d in devices]
+    if len(set(paths)) != len(paths):
+        raise ManifestError("device paths must be unique", f"{where}.devices")
+    for i, path in enumerate(paths):
+        if any(part in (".", "..") for part in path.split("/")):
+            raise ManifestError("'.' and '..' are not allowed in a device path",
+                                f"{where}.devices[{i}].path")  # fmt: skip
+    privileges = c.get("privileges", {})
+    if c.get("role") == "host-os":
+        if devices:
+            raise ManifestError("the host OS container has every device", f"{where}.devices")
+        if privileges.get("host_mounts", True) is not True or privileges.get("sys", "rw") != "rw":
+            raise ManifestError(
+                "the host OS container is privileged (host_mounts: true, sys: rw)",
+                f"{where}.privileges",
+            )
+        return
+    for i, m in enumerate(c.get("mounts", [])):
+        kind = m.get("type", "bind")
+        if kind == "bind" and not privileges.get("host_mounts", False):
+            raise ManifestError(
+                f"binding the host's {m.get('source', '')!r} needs privileges.host_mounts: true",
+                f"{where}.mounts[{i}]",
+            )
+        if kind == "sysfs" and "ro" not in m.get("options", []) and privileges.get("sys") != "rw":
+            raise ManifestError(
+                "a writable sysfs needs privileges.sys: rw (or the option 'ro')",
+                f"{where}.mounts[{i}]",
+            )
 
 
 def _check_cycles(containers: dict[str, Any]) -> None:

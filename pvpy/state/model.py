@@ -27,24 +27,27 @@ ROLE_APP = "app"
 DEFAULT_GROUP_TIMEOUT_MS = 30_000
 DEFAULT_GROUPS = ("data", "root", "platform", "app")
 
-# Docker's default capability set: enough for ordinary services, nothing that
-# reaches the kernel or the hardware.
+# Podman's default capability set (containers-common's containers.conf
+# default_capabilities): enough for ordinary services, nothing that reaches the
+# kernel or the hardware. Unlike Docker's, no CAP_NET_RAW (apps share the host's
+# network namespace by default: a raw socket could sniff the LAN, API token
+# included), no CAP_MKNOD and no CAP_AUDIT_WRITE.
 DEFAULT_APP_CAPABILITIES = (
-    "CAP_AUDIT_WRITE",
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FOWNER",
     "CAP_FSETID",
     "CAP_KILL",
-    "CAP_MKNOD",
     "CAP_NET_BIND_SERVICE",
-    "CAP_NET_RAW",
     "CAP_SETFCAP",
     "CAP_SETGID",
     "CAP_SETPCAP",
     "CAP_SETUID",
     "CAP_SYS_CHROOT",
 )
+
+SECCOMP_DEFAULT = "default"  # containers-common's profile, for the container's capabilities
+SECCOMP_UNCONFINED = "unconfined"
 
 
 class ObjectRef(Record):
@@ -168,6 +171,48 @@ class Volume(Record):
         return {"name": self.name, "target": self.target, "persistence": self.persistence}
 
 
+class Device(Record):
+    """A device node an app may use: created at ``path`` in its /dev and put on its
+    devices cgroup allow-list with ``access`` (r, w, m: read, write, mknod)."""
+
+    path: str
+    type: str  # "c" (character) or "b" (block)
+    major: int
+    minor: int
+    access: str = "rw"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Device:
+        return cls(**{"access": "rw", **d})
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("path", "type", "major", "minor", "access")
+        return {k: getattr(self, k) for k in keys}
+
+
+class Privileges(Record):
+    """What an app reaches of the host beyond its own tree, said out loud in the
+    state: bind mounts of host paths (``host_mounts``) and a writable /sys
+    (``sys: rw``). The host OS container has both, always."""
+
+    host_mounts: bool = False
+    sys: str = "ro"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], default: Privileges) -> Privileges:
+        return cls(
+            host_mounts=d.get("host_mounts", default.host_mounts),
+            sys=d.get("sys", default.sys),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host_mounts": self.host_mounts, "sys": self.sys}
+
+
+APP_PRIVILEGES = Privileges()
+HOST_OS_PRIVILEGES = Privileges(host_mounts=True, sys="rw")
+
+
 class RestartPolicy(Record):
     policy: str = "on-failure"
     max_retries: int = 10
@@ -271,6 +316,9 @@ class Container(Record):
     hostname: str = ""
     mounts: tuple[Mount, ...] = ()
     capabilities: tuple[str, ...] = DEFAULT_APP_CAPABILITIES
+    devices: tuple[Device, ...] = ()
+    seccomp: str = SECCOMP_DEFAULT
+    privileges: Privileges = APP_PRIVILEGES
     namespaces: tuple[str, ...] = ("pid", "uts", "ipc")
     network: str = "host"
     cgroup: CgroupLimits = CgroupLimits()
@@ -305,6 +353,11 @@ class Container(Record):
             hostname=d.get("hostname", name),
             mounts=tuple(Mount.from_dict(m) for m in d.get("mounts", ())),
             capabilities=tuple(d.get("capabilities", () if host else DEFAULT_APP_CAPABILITIES)),
+            devices=tuple(Device.from_dict(x) for x in d.get("devices", ())),
+            seccomp=d.get("seccomp", SECCOMP_UNCONFINED if host else SECCOMP_DEFAULT),
+            privileges=Privileges.from_dict(
+                d.get("privileges", {}), HOST_OS_PRIVILEGES if host else APP_PRIVILEGES
+            ),
             namespaces=tuple(d.get("namespaces", ("pid",) if host else ("pid", "uts", "ipc"))),
             network=d.get("network", "host"),
             cgroup=CgroupLimits.from_dict(d.get("cgroup", {})),
@@ -332,6 +385,9 @@ class Container(Record):
             "hostname": self.hostname,
             "mounts": [m.to_dict() for m in self.mounts],
             "capabilities": list(self.capabilities),
+            "devices": [x.to_dict() for x in self.devices],
+            "seccomp": self.seccomp,
+            "privileges": self.privileges.to_dict(),
             "namespaces": list(self.namespaces),
             "network": self.network,
             "cgroup": self.cgroup.to_dict(),

@@ -16,7 +16,8 @@ it and nothing else maps errors. ``PvpyError.exit_code`` is ``exit_code(self)``.
      │    ├── SignatureError                               missing, malformed or bad signature
      │    ├── UntrustedKeyError                            signed, but by no trusted key
      │    ├── RollbackError                  409           revision not newer than current
-     │    └── ExpiredError                                 metadata past its expiry
+     │    ├── ExpiredError                                 metadata past its expiry
+     │    └── FleetError                                   a revision of another fleet
      ├── StoreError                 exit 5   500 store     storage / object store
      │    ├── ObjectNameError                400           not a sha256 name
      │    ├── ObjectMissingError             409
@@ -94,6 +95,10 @@ class RollbackError(TrustError):
 
 class ExpiredError(TrustError):
     pass
+
+
+class FleetError(TrustError):
+    """A revision names another fleet (or none) than the one the device is bound to."""
 
 
 class StoreError(PvpyError):

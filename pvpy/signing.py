@@ -268,8 +268,15 @@ class TrustStore:
         The new set must be signed by a threshold of the current keys AND by
         a threshold of its own keys, and its version must be higher. Returns
         the new TrustStore; raises TrustError otherwise.
+
+        The key set already trusted (same version, keys and threshold) is no
+        rotation: ``self`` comes back. Publishers keep shipping the newest
+        keys.json with every revision, and a fleet holds devices that already
+        rotated beside devices that have not.
         """
         doc = parse_keyset_unverified(keyset_bytes)
+        if (doc.version, doc.keys, doc.threshold) == (self.version, self.keys, self.threshold):
+            return self
         if doc.version <= self.version:
             from pvpy.errors import RollbackError
 
@@ -299,6 +306,10 @@ def parse_keyset_unverified(data: bytes) -> UnverifiedKeySet:
         doc = canonical.decode(data)
     except ManifestError as e:
         raise SignatureError(f"keys.json: {e}") from e
+    # One text per key set, as for states and envelopes: the bytes a device keeps
+    # in its trust root are the bytes that were signed, not one of many spellings.
+    if not canonical.is_canonical(data):
+        raise SignatureError("keys.json: not canonical JSON")
     if not isinstance(doc, dict) or set(doc) != {"keyset", "signatures"}:
         raise SignatureError("keys.json: must have exactly 'keyset' and 'signatures'")
     ks = doc["keyset"]

@@ -4,22 +4,32 @@ Steps, in this order (each refuses with a TrustError, ManifestError or
 StoreError and a one-line reason):
 
 1. rotate keys: a keys.json shipped with the revision must be signed by the
-   trusted keys and its own (TUF root rotation);
+   trusted keys and its own (TUF root rotation); the set already trusted is
+   no rotation;
 2. signature: a threshold of trusted keys signed the exact state bytes
    (checked before the payload is parsed any further);
 3. canonical form and schema: the bytes are the canonical JSON of a valid
    pvpy-state@1 document;
 4. anti-rollback: the revision number is higher than the current one;
-5. freshness: not past ``expires``;
-6. objects: every object the state names is present, of the stated size,
+5. fleet: a device bound to a fleet takes only revisions naming that fleet;
+6. freshness: not past ``expires``, judged at the later of the clock and the
+   device's time floor (the newest signed ``created`` it verified: a board
+   without a real-time clock boots in 1970);
+7. objects: every object the state names is present, of the stated size,
    and hashes to its name.
 
-What this resists (TUF's attack list): arbitrary software (2, 6), rollback
-(4), indefinite freeze (5, when the signer sets an expiry), endless data
-(sizes are signed; downloads can stop at them), mix-and-match (one envelope
-covers one state whose objects are pinned by hash), malicious mirrors (trust
-does not depend on where bytes came from), key compromise (threshold and
-rotation).
+Steps 1-2 (``check_signature``) say whether the bytes come from the trusted
+keys at all; only then is anything the state says (its revision number) worth
+recording (``pvpy.device.update``). ``verify_signed`` does 3-7.
+
+What this resists (TUF's attack list): arbitrary software (2, 7), rollback
+(4), indefinite freeze (6, when the signer sets an expiry; the floor keeps a
+clock set back from reviving an expired revision), endless data (sizes are
+signed; downloads can stop at them), mix-and-match (one envelope covers one
+state whose objects are pinned by hash), malicious mirrors (trust does not
+depend on where bytes came from; a mirror of another fleet signed by the same
+key is refused by 5), key compromise (threshold and rotation; a device keeps
+its rotations in its trust root, ``pvpy.trustroot``).
 """
 
 from __future__ import annotations
@@ -30,8 +40,8 @@ from pathlib import Path
 
 from pvpy import paths
 from pvpy.errors import (
-    DeviceError,
     ExpiredError,
+    FleetError,
     ManifestError,
     RollbackError,
     SignatureError,
@@ -44,8 +54,23 @@ from pvpy.paths import SIGNATURE_FILE, STATE_FILE
 from pvpy.signing import DOMAIN_STATE, TrustStore, parse_envelope_unverified
 from pvpy.state import State, canonical, validate
 from pvpy.store import ObjectStore
+from pvpy.trustroot import load_trust_root
+from pvpy.trustroot import parse_timestamp as parse_timestamp
 
 MAX_STATE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SignedState:
+    """State bytes a threshold of trusted keys signed (steps 1-2): authentic, not
+    yet checked for anything else. ``rotated_keyset`` is the keys.json that moved
+    ``trust`` to a newer key set, None when none did."""
+
+    state_bytes: bytes
+    signature_bytes: bytes
+    signed_by: tuple[str, ...]
+    trust: TrustStore
+    rotated_keyset: bytes | None
 
 
 @dataclass(frozen=True)
@@ -57,14 +82,79 @@ class VerifiedRevision:
     signature_bytes: bytes
     signed_by: tuple[str, ...]
     trust: TrustStore
+    rotated_keyset: bytes | None = None  # keys.json to keep in the trust root, if it rotated
 
     @property
     def revision(self) -> int:
         return self.state.revision
 
 
-def parse_timestamp(text: str) -> dt.datetime:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+def check_signature(
+    state_bytes: bytes,
+    signature_bytes: bytes,
+    trust: TrustStore,
+    keyset_bytes: bytes | None = None,
+) -> SignedState:
+    """Steps 1-2: rotate to a shipped key set, then the signature threshold over the
+    exact state bytes. Raises TrustError, ManifestError (state too large)."""
+    rotated = None
+    if keyset_bytes is not None:
+        new = trust.rotate(keyset_bytes)
+        if new is not trust:
+            trust, rotated = new, keyset_bytes
+    if len(state_bytes) > MAX_STATE:
+        raise ManifestError(f"state.json is larger than {MAX_STATE} bytes")
+    signatures = parse_envelope_unverified(signature_bytes)
+    signed_by = trust.check_signed(DOMAIN_STATE, state_bytes, signatures, "state.json")
+    return SignedState(state_bytes, signature_bytes, tuple(signed_by), trust, rotated)
+
+
+def trusted_now(now: dt.datetime | None, floor: dt.datetime | None) -> dt.datetime:
+    """The time expiry is judged at: the clock (or ``now``), never before ``floor``."""
+    clock = now or dt.datetime.now(dt.UTC)
+    return max(clock, floor) if floor is not None else clock
+
+
+def verify_signed(
+    signed: SignedState,
+    *,
+    objects: ObjectStore | None,
+    current_revision: int | None = None,
+    fleet: str | None = None,
+    now: dt.datetime | None = None,
+    time_floor: dt.datetime | None = None,
+    check_expiry: bool = True,
+) -> VerifiedRevision:
+    """Steps 3-7 for authentic bytes; see ``verify_revision`` for the arguments."""
+    doc = canonical.decode(signed.state_bytes)
+    if canonical.encode(doc) != signed.state_bytes:
+        raise ManifestError("state.json is not in canonical form")
+    validate(doc)
+    state = State.from_dict(doc)
+
+    if current_revision is not None and state.revision <= current_revision:
+        raise RollbackError(
+            f"revision {state.revision} is not newer than the current revision {current_revision}"
+        )
+    if fleet is not None and state.fleet != fleet:
+        names = f"fleet {state.fleet!r}" if state.fleet is not None else "no fleet"
+        raise FleetError(
+            f"revision {state.revision} names {names}; this device is bound to fleet {fleet!r}"
+        )
+    if check_expiry and state.expires is not None:
+        when = trusted_now(now, time_floor)
+        try:
+            expires = parse_timestamp(state.expires)
+        except ValueError as e:
+            raise ManifestError(f"not a valid time: {state.expires!r}", "$.expires") from e
+        if when >= expires:
+            raise ExpiredError(f"revision {state.revision} expired at {state.expires}")
+
+    if objects is not None:
+        for ref in state.objects().values():
+            objects.verify(ref.sha256, size=ref.size)
+    return VerifiedRevision(state, signed.state_bytes, signed.signature_bytes, signed.signed_by,
+                            signed.trust, signed.rotated_keyset)  # fmt: skip
 
 
 def verify_revision(
@@ -77,45 +167,25 @@ def verify_revision(
     now: dt.datetime | None = None,
     keyset_bytes: bytes | None = None,
     check_expiry: bool = True,
+    fleet: str | None = None,
+    time_floor: dt.datetime | None = None,
 ) -> VerifiedRevision:
     """Check a revision end to end; see the module docstring for the steps.
 
     ``check_expiry=False`` is for revisions already installed: expiry stops a
     device from accepting stale metadata, never from running what it has.
 
-    ``objects=None`` skips step 6 (for a state whose objects are still to be
+    ``objects=None`` skips step 7 (for a state whose objects are still to be
     fetched: they are then checked one by one as they arrive).
+
+    ``fleet``: the fleet the device is bound to (None: unbound, any fleet).
+    ``time_floor``: expiry is never judged before this time (``pvpy.trustroot``).
     """
-    if keyset_bytes is not None:
-        trust = trust.rotate(keyset_bytes)
-    if len(state_bytes) > MAX_STATE:
-        raise ManifestError(f"state.json is larger than {MAX_STATE} bytes")
-    signatures = parse_envelope_unverified(signature_bytes)
-    signed_by = trust.check_signed(DOMAIN_STATE, state_bytes, signatures, "state.json")
-
-    doc = canonical.decode(state_bytes)
-    if canonical.encode(doc) != state_bytes:
-        raise ManifestError("state.json is not in canonical form")
-    validate(doc)
-    state = State.from_dict(doc)
-
-    if current_revision is not None and state.revision <= current_revision:
-        raise RollbackError(
-            f"revision {state.revision} is not newer than the current revision {current_revision}"
-        )
-    if check_expiry and state.expires is not None:
-        when = now or dt.datetime.now(dt.UTC)
-        try:
-            expires = parse_timestamp(state.expires)
-        except ValueError as e:
-            raise ManifestError(f"not a valid time: {state.expires!r}", "$.expires") from e
-        if when >= expires:
-            raise ExpiredError(f"revision {state.revision} expired at {state.expires}")
-
-    if objects is not None:
-        for ref in state.objects().values():
-            objects.verify(ref.sha256, size=ref.size)
-    return VerifiedRevision(state, state_bytes, signature_bytes, tuple(signed_by), trust)
+    signed = check_signature(state_bytes, signature_bytes, trust, keyset_bytes)
+    return verify_signed(
+        signed, objects=objects, current_revision=current_revision, fleet=fleet, now=now,
+        time_floor=time_floor, check_expiry=check_expiry,
+    )  # fmt: skip
 
 
 def read_revision_dir(path: Path) -> tuple[bytes, bytes, bytes | None]:
@@ -160,8 +230,7 @@ def verify_revision_dir(
 
 
 def load_trust(storage: Path) -> TrustStore:
-    """The keys a device trusts: every file of STORAGE/trust. Raises DeviceError."""
-    files = sorted((Path(storage) / paths.TRUST).glob("*"))
-    if not files:
-        raise DeviceError(f"{storage}: no trusted keys (run `pvpy device provision`)")
-    return TrustStore.from_files(files)
+    """The keys a device trusts for anything new: its factory keys rotated through
+    every key set it installed (``pvpy.trustroot``). Raises DeviceError (none),
+    KeyFileError."""
+    return load_trust_root(storage).current

@@ -278,16 +278,20 @@ def test_pull_end_to_end(
     assert "nothing new" in pull_once().stdout
     assert records(device.storage) == good
 
-    # signed by a key the device does not trust: WONTGO once, however often it is polled
+    # signed by a key the device does not trust: refused, however often it is polled; its
+    # number is the registry's word, so no record under it, only the bounded refusals
     objects = stored_objects(device.storage)
     publish(v3)
     out = pull_once()
     assert out.returncode == 3 and "refused" in out.stdout, out.stdout + out.stderr
-    refused = records(device.storage)[3]
-    assert refused["status"] == "WONTGO" and "key" in refused["reason"]
+    assert "untrusted key" in out.stdout
+    assert 3 not in records(device.storage)
     for _ in range(2):
         assert pull_once().returncode == 3
-    assert records(device.storage)[3] == refused  # not written again
+    refused = records(device.storage)
+    assert 3 not in refused and refused == good
+    refusals = json.loads((device.storage / "progress" / "refused.json").read_text())
+    assert [r["claimed_revision"] for r in refusals] == [3, 3, 3]
     assert stored_objects(device.storage) == objects  # no object was fetched
     assert device.status()["revision"] == 2
 
@@ -345,7 +349,7 @@ def test_pull_end_to_end(
         if puller.poll() is None:
             puller.kill()
             puller.wait()
-    assert records(device.storage)[3] == refused
+    assert 3 not in records(device.storage)
 
     # the device busy with an update (here a local one): the puller leaves it alone
     v6 = build_revision(
@@ -390,3 +394,200 @@ def test_device_configured_to_pull_updates_itself(
         e.get("event") == "helper started" and e.get("helper") == "registry puller"
         for e in device.events()
     )
+
+
+# -- credentials and redirects (a small redirecting server, no registry needed) -----------
+
+
+class _Seen:
+    """What a test server was asked: (scheme, path, Authorization header)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, str | None]] = []
+
+
+def _serve(seen: _Seen, answer: Any, tls: Any = None) -> tuple[Any, int]:
+    """A threaded HTTP server on 127.0.0.1; with ``tls`` (an SSLContext) it speaks TLS
+    to clients that start a handshake and plain HTTP to the others, on the same port."""
+    import http.server
+    import socket
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            scheme = "https" if tls is not None and hasattr(self.connection, "cipher") else "http"
+            seen.requests.append((scheme, self.path, self.headers.get("Authorization")))
+            status, headers, body = answer(scheme, self.path)
+            self.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def get_request(self) -> Any:
+            sock, address = super().get_request()
+            if tls is not None and sock.recv(1, socket.MSG_PEEK) == b"\x16":
+                sock = tls.wrap_socket(sock, server_side=True)
+            return sock, address
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def test_blob_redirects_to_another_host_carry_no_credentials() -> None:
+    """A registry may send blobs from a CDN: followed, but the password stays home."""
+    blob = b"blob bytes from the cdn"
+    digest = reg.digest_of(blob)
+    cdn_seen, registry_seen = _Seen(), _Seen()
+    cdn, cdn_port = _serve(cdn_seen, lambda scheme, path: (200, {}, blob))
+    registry, port = _serve(registry_seen, lambda scheme, path: (
+        307, {"Location": f"http://localhost:{cdn_port}/signed?x=1"}, b""))  # fmt: skip
+    try:
+        client = reg.Registry(f"127.0.0.1:{port}", plain_http=True, auth=("user", "secret"))
+        assert client.read_blob("repo", digest, 1000) == blob
+    finally:
+        cdn.shutdown()
+        registry.shutdown()
+    assert registry_seen.requests[0][2] is not None  # the registry itself gets them
+    assert cdn_seen.requests == [("http", "/signed?x=1", None)]
+
+
+def test_credentials_never_follow_a_redirect_from_https_to_http(tmp_path: Path) -> None:
+    """https://registry redirecting to http:// on the same host and port: refused, and
+    no request (let alone the password) goes out in clear text."""
+    import ssl
+
+    from tests.test_api import self_signed
+
+    cert, key = self_signed(tmp_path / "tls")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    blob = b"blob"
+    seen = _Seen()
+    holder: dict[str, int] = {}
+    server, port = _serve(seen, lambda scheme, path: (
+        (307, {"Location": f"http://127.0.0.1:{holder['port']}/plain"}, b"")
+        if scheme == "https" else (200, {}, blob)), tls=context)  # fmt: skip
+    holder["port"] = port
+    try:
+        client = reg.Registry(f"127.0.0.1:{port}", cacert=str(cert), auth=("user", "secret"))
+        with pytest.raises(reg.RegistryError, match="https to http"):
+            client.read_blob("repo", reg.digest_of(blob), 1000)
+    finally:
+        server.shutdown()
+    assert [r[0] for r in seen.requests] == ["https"]
+    assert all(auth is None for scheme, _, auth in seen.requests if scheme == "http")
+
+
+def test_auth_file_errors_never_show_its_contents(tmp_path: Path) -> None:
+    secret = tmp_path / "auth"
+    for data in (b"-----BEGIN PRIVATE KEY-----\nMIIsecretkeybytes\n-----END PRIVATE KEY-----\n",
+                 b"\x89secret\xff", b"user:pass\nuser2:secretpass2\n"):  # fmt: skip
+        secret.write_bytes(data)
+        secret.chmod(0o600)
+        with pytest.raises(UsageError) as e:
+            reg.load_auth(secret)
+        assert str(secret) in str(e.value) and "secret" not in str(e.value).replace(str(secret), "")
+    secret.write_bytes(b"user:pw\n")
+    assert reg.load_auth(secret) == ("user", "pw")
+
+
+def resign(rev: Path, keys: Path, fleet: str | None = None, keyset: Path | None = None) -> Path:
+    """Name ``fleet`` in a built revision's state and sign it again (with ``keyset``)."""
+    from pvpy.state import canonical
+
+    doc = json.loads((rev / "state.json").read_bytes())
+    if fleet is not None:
+        doc["fleet"] = fleet
+    (rev / "state.json").write_bytes(canonical.encode(doc))
+    pvpy("state", "sign", rev, "--key", keys, *(["--keyset", keyset] if keyset else []))
+    return rev
+
+
+@pytest.mark.root
+def test_key_rotation_and_fleet_binding_on_a_device(
+    tmp_path: Path, sandbox: Any, signing_dir: Path, registry: RegistryProcess
+) -> None:
+    """A key rotation installed by a local update reaches the device's trust root:
+    from then on a revision signed only by the rotated-out key is refused (WONTGO,
+    exit 3) over a local update, an API push and a registry pull, while the
+    revision installed before the rotation stays bootable (a rollback target). The
+    same update binds the device to its fleet: another fleet's revision, signed by
+    the same key, is refused over pull and local update; its own is taken."""
+    base = {"hostos": HOSTOS, "steady": app(IDLE)}
+    for name in ("old", "other", "ours"):
+        (tmp_path / name).mkdir()
+    new_keys = tmp_path / "new-keys"
+    generate_key(new_keys)
+    keyset = tmp_path / "keys.json"
+    pvpy("key", "keyset", "--key", new_keys / "pvpy.pub", "--version", "1",
+         "--sign", signing_dir, "--sign", new_keys, "--out", keyset)  # fmt: skip
+    v1 = build_revision(tmp_path, signing_dir, 1, {**base, "web": app("echo web v1; " + IDLE)})
+    v2 = resign(build_revision(tmp_path, new_keys, 2, {
+        **base, "web": variant(tmp_path, "v2", "echo web v2; " + IDLE)}),
+        new_keys, fleet="fleet/demo", keyset=keyset)  # fmt: skip
+    old_key = resign(build_revision(tmp_path / "old", signing_dir, 3, {
+        **base, "web": variant(tmp_path, "old", IDLE)}), signing_dir, fleet="fleet/demo")  # fmt: skip
+    other = resign(build_revision(tmp_path / "other", new_keys, 3, {
+        **base, "web": variant(tmp_path, "other", IDLE)}), new_keys, fleet="other/product")  # fmt: skip
+    ours = resign(build_revision(tmp_path / "ours", new_keys, 3, {
+        **base, "web": variant(tmp_path, "v3", "echo web v3; " + IDLE)}), new_keys,
+        fleet="fleet/demo")  # fmt: skip
+
+    port = free_port()
+    device: SandboxDevice = sandbox(v1, *COMMIT, "--api-tcp", f"127.0.0.1:{port}")
+    device.wait_goals()
+    storage = device.storage
+    tag = f"{registry.host}/fleet/demo:stable"
+
+    def update(rev: Path) -> subprocess.CompletedProcess[str]:
+        return pvpy("device", "update", rev, "--storage", storage, check=False, timeout=120)
+
+    def pull(rev: Path) -> subprocess.CompletedProcess[str]:
+        pvpy("state", "publish", rev, tag, "--plain-http")
+        return pvpy("device", "pull", "--storage", storage, "--run-dir", device.run_dir,
+                    "--from", tag, "--plain-http", "--once", check=False, timeout=120)  # fmt: skip
+
+    # the rotation (and the fleet) arrive with revision 2
+    out = update(v2)
+    assert out.returncode == 0 and "UPDATED" in out.stdout, out.stdout + out.stderr
+    trust_files = sorted(p.name for p in (storage / "trust").iterdir())
+    assert trust_files == ["00-pvpy.pub", "fleet", "keys-v1-rev2.json", "time-floor"]
+    assert (storage / "trust" / "keys-v1-rev2.json").read_bytes() == keyset.read_bytes()
+    # revision 1, signed by the old key and installed before the rotation, still runs
+    out = pvpy("device", "rollback", "--storage", storage, timeout=120)
+    assert "rolling back to revision 1" in out.stdout
+    assert device.wait_goals()["revision"] == 1
+
+    # signed only by the rotated-out key: refused everywhere, nothing installed
+    out = update(old_key)
+    assert out.returncode == 3 and "untrusted key" in out.stderr, out.stdout + out.stderr
+    out = pvpy("device", "push", f"https://127.0.0.1:{port}", old_key, "--token-file",
+               storage / "config" / "api-token", check=False, timeout=120)  # fmt: skip
+    assert out.returncode == 3 and "untrusted key" in out.stderr, out.stdout + out.stderr
+    out = pull(old_key)
+    assert out.returncode == 3 and "refused" in out.stdout, out.stdout + out.stderr
+    assert "untrusted key" in out.stdout
+    # another fleet's revision, signed by the current key: refused over pull and update
+    out = pull(other)
+    assert out.returncode == 3 and "bound to fleet 'fleet/demo'" in out.stdout, out.stdout
+    out = update(other)
+    assert out.returncode == 3 and "bound to fleet 'fleet/demo'" in out.stderr, out.stderr
+    assert not (storage / "trails" / "3").exists()
+    assert device.status()["revision"] == 1
+
+    # its own fleet, the new key: taken over pull; and it boots again after a reboot
+    out = pull(ours)
+    assert out.returncode == 0 and "revision 3: UPDATED" in out.stdout, out.stdout + out.stderr
+    uptime = device.status()["uptime"]
+    pvpy("device", "reboot", "--storage", storage)
+    device.wait_for("the reboot", lambda s: s["uptime"] < uptime, 60)
+    status = device.wait_goals(60)
+    assert status["revision"] == 3 and status["committed"] == 3

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from pvpy.errors import (
+    DeviceError,
     ExpiredError,
+    FleetError,
+    KeyFileError,
     ManifestError,
     ObjectCorruptError,
     ObjectMissingError,
@@ -30,7 +33,15 @@ from pvpy.signing import (
     sign_state,
 )
 from pvpy.state import canonical
-from pvpy.trust import KEYSET_FILE, verify_revision_dir
+from pvpy.trust import (
+    KEYSET_FILE,
+    load_trust,
+    read_revision_dir,
+    trusted_now,
+    verify_revision,
+    verify_revision_dir,
+)
+from pvpy.trustroot import load_trust_root
 from tests.conftest import write_revision
 
 
@@ -214,8 +225,25 @@ def test_key_rotation(tmp_path: Path, key: SigningKey) -> None:
         with pytest.raises(UntrustedKeyError):
             verify_revision_dir(rev, device_trust)
 
-    # Key sets only move forward.
+    # The set the device already has, shipped again, is no rotation: accepted as is.
     (rev / KEYSET_FILE).write_bytes(keyset)
+    again = verify_revision_dir(rev, verified.trust)
+    assert again.trust is verified.trust and again.rotated_keyset is None
+    assert verified.rotated_keyset == keyset
+
+    # Key sets only move forward: an older one, or another one of the same version.
+    third = generate_key(tmp_path / "third")
+    v2 = make_keyset([third.raw_public], version=2, threshold=1, signers=[new_key, third])
+    (rev / KEYSET_FILE).write_bytes(v2)
+    write_revision(tmp_path / "r5", 5, [third])
+    (tmp_path / "r5" / KEYSET_FILE).write_bytes(v2)
+    at_v2 = verify_revision_dir(tmp_path / "r5", verified.trust)
+    assert at_v2.trust.version == 2
+    (rev / KEYSET_FILE).write_bytes(keyset)
+    with pytest.raises(RollbackError, match="key set version 1"):
+        verify_revision_dir(rev, at_v2.trust)
+    fork = make_keyset([key.raw_public], version=1, threshold=1, signers=[key, new_key])
+    (rev / KEYSET_FILE).write_bytes(fork)
     with pytest.raises(RollbackError, match="key set version 1"):
         verify_revision_dir(rev, verified.trust)
 
@@ -230,3 +258,97 @@ def test_keyset_file_as_trust_root(tmp_path: Path, key: SigningKey) -> None:
     flip(path, 40)
     with pytest.raises(TrustError):
         TrustStore.from_files([path])
+
+
+def test_non_canonical_keyset_is_refused(tmp_path: Path, key: SigningKey) -> None:
+    """keys.json is kept in the device's trust root byte for byte: one spelling only,
+    like state.json and state.sig.json (signed or not, other bytes are refused)."""
+    new_key = generate_key(tmp_path / "new")
+    keyset = make_keyset([new_key.raw_public], version=1, threshold=1, signers=[key, new_key])
+    rev = write_revision(tmp_path / "rev", 3, [new_key])
+    spellings = [
+        json.dumps(json.loads(keyset), indent=1).encode(),  # whitespace
+        keyset + b"\n",  # a trailing newline
+        json.dumps(json.loads(keyset), sort_keys=False, separators=(",", ":"))
+        .replace('"keyset":', '"keyset" :')
+        .encode(),
+    ]
+    for data in spellings:
+        assert data != keyset
+        (rev / KEYSET_FILE).write_bytes(data)
+        with pytest.raises(SignatureError, match=r"^keys\.json: not canonical JSON$"):
+            verify_revision_dir(rev, trust_of(key))
+        root = tmp_path / "root.json"
+        root.write_bytes(data)
+        with pytest.raises(SignatureError, match="not canonical"):
+            TrustStore.from_files([root])
+    (rev / KEYSET_FILE).write_bytes(keyset)
+    assert verify_revision_dir(rev, trust_of(key)).trust.version == 1
+
+
+def test_fleet_binding(tmp_path: Path, key: SigningKey) -> None:
+    trust = trust_of(key)
+    ours = write_revision(tmp_path / "ours", 3, [key], fleet="acme/gateway")
+    theirs = write_revision(tmp_path / "theirs", 3, [key], fleet="other/product")
+    none = write_revision(tmp_path / "none", 3, [key])
+
+    def verify(rev: Path, fleet: str | None) -> int:
+        state, sig, _ = read_revision_dir(rev)
+        return verify_revision(state, sig, trust, objects=None, fleet=fleet).revision
+
+    # bound: only its own fleet
+    assert verify(ours, "acme/gateway") == 3
+    with pytest.raises(FleetError, match="names fleet 'other/product'; this device is bound"):
+        verify(theirs, "acme/gateway")
+    with pytest.raises(FleetError, match=r"^revision 3 names no fleet; this device is bound to"):
+        verify(none, "acme/gateway")
+    # unbound: any
+    assert verify(ours, None) == verify(theirs, None) == verify(none, None) == 3
+
+
+def test_expiry_judged_at_the_time_floor(tmp_path: Path, key: SigningKey) -> None:
+    """A board without a clock boots in 1970: expiry is judged at the later of the
+    clock and the newest signed ``created`` the device verified."""
+    trust = trust_of(key)
+    expired = write_revision(tmp_path / "old", 3, [key], expires="2027-01-01T00:00:00Z")
+    fresh = write_revision(tmp_path / "new", 4, [key], created="2027-06-01T00:00:00Z",
+                           expires="2027-12-01T00:00:00Z")  # fmt: skip
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    floor = dt.datetime(2027, 6, 1, tzinfo=dt.UTC)
+
+    def verify(rev: Path, now: dt.datetime, time_floor: dt.datetime | None) -> int:
+        state, sig, _ = read_revision_dir(rev)
+        return verify_revision(
+            state, sig, trust, objects=None, now=now, time_floor=time_floor
+        ).revision
+
+    with pytest.raises(ExpiredError, match="expired at 2027-01-01"):
+        verify(expired, epoch, floor)  # the clock set back does not revive it
+    assert verify(fresh, epoch, floor) == 4  # nor refuse a fresh one
+    with pytest.raises(ExpiredError):
+        verify(fresh, dt.datetime(2028, 1, 1, tzinfo=dt.UTC), floor)  # a later clock counts
+    assert trusted_now(epoch, floor) == floor and trusted_now(floor, None) == floor
+
+
+def test_trust_root_on_disk(tmp_path: Path, key: SigningKey, key_dir: Path) -> None:
+    """STORAGE/trust: the factory keys, then every rotated key set in version order,
+    each checked against the keys before it; temp files are never read."""
+    storage = tmp_path / "storage"
+    with pytest.raises(DeviceError, match="no trusted keys"):
+        load_trust(storage)
+    (storage / "trust").mkdir(parents=True)
+    (storage / "trust" / "00-pvpy.pub").write_bytes((key_dir / "pvpy.pub").read_bytes())
+    (storage / "trust" / ".keys-v1-rev6.json.1234.tmp").write_bytes(b"half a file")
+    assert set(load_trust(storage).keys) == {key.keyid}
+
+    new_key, third = generate_key(tmp_path / "new"), generate_key(tmp_path / "third")
+    v1 = make_keyset([new_key.raw_public], version=1, threshold=1, signers=[key, new_key])
+    v2 = make_keyset([third.raw_public], version=2, threshold=1, signers=[new_key, third])
+    (storage / "trust" / "keys-v2-rev9.json").write_bytes(v2)
+    with pytest.raises(KeyFileError, match="not a rotation of the keys before it"):
+        load_trust(storage)  # v2 is signed by keys the factory root never handed over to
+    (storage / "trust" / "keys-v1-rev6.json").write_bytes(v1)
+    root = load_trust_root(storage)
+    assert set(root.current.keys) == {third.keyid} and root.current.version == 2
+    for revision, signer in ((1, key), (5, key), (6, new_key), (8, new_key), (9, third)):
+        assert set(root.keys_for_installed(revision).keys) == {signer.keyid}

@@ -144,12 +144,19 @@ def test_refused_updates_leave_nothing_behind(
     with pytest.raises(expected):
         up.stage(device_storage.root, rev, trust_of(key))
     assert snapshot(device_storage) == before
-    # recorded under the number the (unverified) state claims
+    # recorded under its number only when the trusted key signed that number
     record = up.read_progress(device_storage.root, 7 if attack == "bad-signature" else 6)
-    if attack == "replay":
+    if attack in ("replay", "bad-signature", "unknown-key"):
         assert record is None
     else:
         assert record is not None and record.status == up.WONTGO and record.reason
+    refusals = up.last_refusals(device_storage.root)
+    if attack in ("bad-signature", "unknown-key"):  # ... else only the bounded refusals say it
+        assert [(r["claimed_revision"], r["reason"][:10]) for r in refusals] == [
+            (7 if attack == "bad-signature" else 6, "state.json")
+        ]
+    else:
+        assert refusals == []
 
 
 def test_a_bug_while_verifying_is_a_bug_not_a_refused_revision(
@@ -164,7 +171,7 @@ def test_a_bug_while_verifying_is_a_bug_not_a_refused_revision(
 
     before = snapshot(device_storage)
     rev = write_revision(tmp_path / "r6", 6, [key], blobs={"app": b"new app"})
-    monkeypatch.setattr(pvpy.trust, "verify_revision", broken)
+    monkeypatch.setattr(pvpy.trust, "check_signature", broken)
     with pytest.raises(RuntimeError, match="a bug in verification"):
         up.stage(device_storage.root, rev, trust_of(key))
     assert up.read_progress(device_storage.root, 6) is None
@@ -253,6 +260,209 @@ def test_highest_revision_counts_committed_records(device_storage: Storage) -> N
     up.write_progress(device_storage.root, 9, up.DONE, "committed")
     up.write_progress(device_storage.root, 12, up.WONTGO, "bad signature")
     assert up.highest_revision(device_storage) == 9  # a refused number is not used up
+
+
+# -- the trust root moves forward with each verified install (#13) ------------------------
+
+
+@pytest.fixture
+def provisioned(device_storage: Storage, key_dir: Path) -> Storage:
+    """``device_storage`` with its factory key in STORAGE/trust, as provisioned."""
+    (device_storage.root / "trust").mkdir()
+    (device_storage.root / "trust" / "00-pvpy.pub").write_bytes((key_dir / "pvpy.pub").read_bytes())
+    return device_storage
+
+
+def rotation(tmp_path: Path, key: SigningKey, revision: int = 6) -> tuple[Path, SigningKey]:
+    """Revision ``revision`` signed by a new key, shipping key set 1 = {new key}."""
+    from pvpy.signing import make_keyset
+    from pvpy.trust import KEYSET_FILE
+
+    new_key = generate_key(tmp_path / "new-key")
+    rev = write_revision(tmp_path / f"r{revision}", revision, [new_key], blobs={"app": b"v6 app"})
+    keyset = make_keyset([new_key.raw_public], version=1, threshold=1, signers=[key, new_key])
+    (rev / KEYSET_FILE).write_bytes(keyset)
+    return rev, new_key
+
+
+def test_key_rotation_reaches_the_trust_root(
+    tmp_path: Path, key: SigningKey, provisioned: Storage
+) -> None:
+    from pvpy.trust import KEYSET_FILE, load_trust
+    from pvpy.trustroot import load_trust_root
+
+    rev6, new_key = rotation(tmp_path, key)
+    up.stage(provisioned.root, rev6, load_trust(provisioned.root))
+    # the verified key set is in the trust root, byte for byte, and is what counts now
+    assert (provisioned.root / "trust" / "keys-v1-rev6.json").read_bytes() == (
+        rev6 / KEYSET_FILE
+    ).read_bytes()
+    assert not list((provisioned.root / "progress").glob("*.keys.json"))
+    trust = load_trust(provisioned.root)
+    assert set(trust.keys) == {new_key.keyid} and trust.version == 1
+
+    # a revision signed only by the rotated-out key: refused, nothing installed
+    before = snapshot(provisioned)
+    old7 = write_revision(tmp_path / "old7", 7, [key], blobs={"app": b"old-key app"})
+    with pytest.raises(UntrustedKeyError, match="untrusted key"):
+        up.stage(provisioned.root, old7, load_trust(provisioned.root))
+    assert snapshot(provisioned) == before
+    # the installed revisions stay bootable with the keys they were installed under
+    root = load_trust_root(provisioned.root)
+    assert set(root.keys_for_installed(5).keys) == {key.keyid}
+    assert set(root.keys_for_installed(6).keys) == {new_key.keyid}
+    # the new key works, and the same key set shipped again is no rotation
+    new7 = write_revision(tmp_path / "new7", 7, [new_key], blobs={"app": b"new-key app"})
+    (new7 / KEYSET_FILE).write_bytes((rev6 / KEYSET_FILE).read_bytes())
+    assert up.stage(provisioned.root, new7, load_trust(provisioned.root)).revision == 7
+    assert sorted(p.name for p in (provisioned.root / "trust").iterdir()) == [
+        "00-pvpy.pub", "keys-v1-rev6.json"]  # fmt: skip
+
+
+def test_boot_verification_after_a_rotation(
+    tmp_path: Path, key: SigningKey, provisioned: Storage
+) -> None:
+    """`pvpy device verify-installed` (PID 1's check at every boot and before an
+    apply): the revision installed before the rotation, signed by the old key,
+    stays bootable; a trail at or above the rotation signed only by the old key
+    (planted on the storage: no path from outside installs one) is refused."""
+    from pvpy.trust import load_trust
+
+    rev6, _ = rotation(tmp_path, key)
+    up.stage(provisioned.root, rev6, load_trust(provisioned.root))
+    planted = write_revision(tmp_path / "r7", 7, [key], blobs={"app": b"v6 app"})
+    provisioned.install_revision(7, (planted / "state.json").read_bytes(),
+                                 (planted / "state.sig.json").read_bytes())  # fmt: skip
+
+    def verify_installed(revision: int) -> subprocess.CompletedProcess[str]:
+        return pvpy("device", "verify-installed", "--storage", provisioned.root,
+                    "--revision", revision, check=False)  # fmt: skip
+
+    assert verify_installed(5).returncode == 0  # old key, installed before the rotation
+    assert verify_installed(6).returncode == 0  # the rotating revision, new key
+    out = verify_installed(7)
+    assert out.returncode == 3 and "untrusted key" in out.stderr, out.stderr
+
+
+STAGE_AND_CUT = """
+import sys
+from pathlib import Path
+from pvpy.device import update as up
+from pvpy.trust import load_trust
+up.stage(Path(sys.argv[1]), Path(sys.argv[2]), load_trust(Path(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize(("point", "rotated"), [("stage:object", False), ("stage:trail", True)])
+def test_power_cut_around_the_trust_write(
+    tmp_path: Path, key: SigningKey, provisioned: Storage, point: str, rotated: bool
+) -> None:
+    """The staging process dies (SIGKILL) at the persist point before the trust root
+    is written, and at the one after: the device trusts the old keys or the new
+    ones, never neither (write_atomic's leftovers are never read)."""
+    from pvpy.trust import load_trust
+
+    rev6, new_key = rotation(tmp_path, key)
+    result = subprocess.run(
+        [sys.executable, "-c", STAGE_AND_CUT, str(provisioned.root), str(rev6)],
+        env={**os.environ, "PVPY_POWERCUT": point}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == -9, result.stderr  # the power went at the point
+    trust = load_trust(provisioned.root)
+    assert set(trust.keys) == {new_key.keyid if rotated else key.keyid}
+    # a leftover of a write cut half way changes nothing
+    (provisioned.root / "trust" / ".keys-v1-rev6.json.dead.tmp").write_bytes(b'{"keys')
+    assert load_trust(provisioned.root) == trust
+
+
+def test_unverified_refusals_are_bounded(
+    tmp_path: Path, key: SigningKey, provisioned: Storage
+) -> None:
+    """A peer sending a new made-up revision number each time (unsigned, or signed
+    by a key the device does not trust) leaves one bounded file, never a record
+    per number; anti-rollback does not move."""
+    from pvpy.trust import load_trust
+
+    stranger = generate_key(tmp_path / "stranger")
+    trust = load_trust(provisioned.root)
+    highest = up.highest_revision(provisioned)
+    for n in range(1000):
+        doc = canonical.encode({"#spec": "pvpy-state@1", "revision": 1000 + n, "containers": {}})
+        sig = sign_state(doc, [stranger]) if n % 2 else b'{"#spec":"pvpy-signature@1"}'
+        with pytest.raises((UntrustedKeyError, SignatureError)):
+            up.verify_incoming(provisioned, doc, sig, None, trust)
+    # ... and over the whole staging path too
+    rev = write_revision(tmp_path / "r", 5000, [stranger])
+    with pytest.raises(UntrustedKeyError):
+        up.stage(provisioned.root, rev, trust)
+    files = sorted(p.name for p in (provisioned.root / "progress").iterdir())
+    assert files == ["refused.json"], files
+    refusals = up.last_refusals(provisioned.root)
+    assert len(refusals) == up.MAX_REFUSALS and refusals[-1]["claimed_revision"] == 5000
+    assert up.highest_revision(provisioned) == highest == 5
+    assert up.all_progress(provisioned.root) == []
+
+
+def test_fleet_binding_over_local_update(
+    tmp_path: Path, key: SigningKey, provisioned: Storage
+) -> None:
+    """Unbound (factory revision names no fleet): takes any revision, and binds to the
+    first fleet it installs; then refuses another fleet's revision, and one naming
+    none, signed by the same key; takes its own."""
+    from pvpy.errors import FleetError
+    from pvpy.trustroot import bound_fleet
+
+    assert bound_fleet(provisioned.root) is None
+    r6 = write_revision(tmp_path / "r6", 6, [key], fleet="acme/gateway")
+    up.stage(provisioned.root, r6, trust_of(key))
+    assert (provisioned.root / "trust" / "fleet").read_text() == "acme/gateway\n"
+    for name, fleet in (("other", "other/product"), ("none", None)):
+        rev = write_revision(tmp_path / name, 7, [key], **({"fleet": fleet} if fleet else {}))
+        with pytest.raises(FleetError, match="this device is bound to fleet 'acme/gateway'"):
+            up.stage(provisioned.root, rev, trust_of(key))
+        assert not provisioned.has_revision(7)
+        assert up.read_progress(provisioned.root, 7).status == up.WONTGO  # type: ignore[union-attr]
+        (provisioned.root / "progress" / "7.json").unlink()
+    ours = write_revision(tmp_path / "ours", 7, [key], fleet="acme/gateway")
+    assert up.stage(provisioned.root, ours, trust_of(key)).fleet == "acme/gateway"
+
+
+def test_fleet_of_the_factory_revision_binds(tmp_path: Path, key: SigningKey) -> None:
+    """A device provisioned with a revision naming a fleet is bound before any update."""
+    from pvpy.errors import FleetError
+
+    factory = write_revision(tmp_path / "f", 1, [key], fleet="acme/gateway")
+    storage = Storage(tmp_path / "storage").ensure()
+    storage.install_revision(1, (factory / "state.json").read_bytes(),
+                             (factory / "state.sig.json").read_bytes())  # fmt: skip
+    other = write_revision(tmp_path / "o", 2, [key], fleet="other/product")
+    with pytest.raises(FleetError):
+        up.stage(storage.root, other, trust_of(key))
+
+
+def test_time_floor_over_staging(tmp_path: Path, key: SigningKey, provisioned: Storage) -> None:
+    """The device verified a revision created on 2027-06-01; its clock then says 1970
+    (no RTC): an expired revision is still refused, a fresh one accepted."""
+    import datetime as dt
+
+    from pvpy.errors import ExpiredError
+    from pvpy.trust import read_revision_dir
+
+    r6 = write_revision(tmp_path / "r6", 6, [key], created="2027-06-01T00:00:00Z")
+    up.stage(provisioned.root, r6, trust_of(key))
+    assert (provisioned.root / "trust" / "time-floor").read_text() == "2027-06-01T00:00:00Z\n"
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    expired = write_revision(tmp_path / "x", 7, [key], expires="2027-01-01T00:00:00Z")
+    with pytest.raises(ExpiredError, match="expired at 2027-01-01"):
+        up.verify_incoming(provisioned, *read_revision_dir(expired), trust_of(key), now=epoch)
+    fresh = write_revision(tmp_path / "f", 7, [key], created="2027-06-02T00:00:00Z",
+                           expires="2027-12-01T00:00:00Z")  # fmt: skip
+    verified = up.verify_incoming(provisioned, *read_revision_dir(fresh), trust_of(key), now=epoch)
+    assert verified.revision == 7
+    # an older `created` never moves the floor back
+    older = write_revision(tmp_path / "o", 8, [key], created="2026-01-01T00:00:00Z")
+    up.stage(provisioned.root, older, trust_of(key))
+    assert (provisioned.root / "trust" / "time-floor").read_text() == "2027-06-01T00:00:00Z\n"
 
 
 # -- in the sandbox ------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """`pvpy device pull`: the device's registry puller (see ``pvpy.oci`` for the format and the
 trust argument). Its own process, kept alive by PID 1; never PID 1.
 
-Only pvpy errors become outcomes (and WONTGO records); anything else is a bug
-and ends the process with its traceback (PID 1 restarts it).
+Only pvpy errors become outcomes; anything else is a bug and ends the process
+with its traceback (PID 1 restarts it). A refused revision is recorded by
+``pvpy.device.update`` (WONTGO under its number only when the trusted keys
+signed it); what the puller remembers between polls is bounded (``MAX_SKIPPED``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ log = get_logger("pull")
 
 APPLY_TIMEOUT = 300.0  # PID 1 re-verifies (hashes) the revision before it answers
 FINAL_TIMEOUT = 3600.0  # longest wait for an applied revision's final record
+MAX_SKIPPED = 256  # manifests remembered as handled (Puller.skip)
 
 
 @dataclass
@@ -81,6 +84,15 @@ class Puller:
     skip: dict[str, float] = field(default_factory=dict)
     last: str = ""  # the last outcome logged
 
+    def skip_digest(self, digest: str, until: float) -> None:
+        """Leave a manifest alone until ``until`` (monotonic). Bounded: a registry
+        serving a new manifest at every poll must not grow this without end (the
+        oldest go first; one of them coming back costs a look, never a record)."""
+        self.skip.pop(digest, None)
+        self.skip[digest] = until
+        while len(self.skip) > MAX_SKIPPED:
+            del self.skip[next(iter(self.skip))]
+
     def control(self, request: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
         """PID 1's reply. Raises DeviceError (no answer, or PID 1 says no)."""
         return control.call(paths.control_socket(self.run_dir), request, timeout)
@@ -115,14 +127,14 @@ class Puller:
         try:
             layers = parse_manifest_unverified(manifest)
         except RegistryError:
-            self.skip[digest] = float("inf")
+            self.skip_digest(digest, float("inf"))
             raise
         state = self.registry.read_blob(repo, layers["state"]["digest"], MAX_SMALL_BLOB)
         revision = unverified_revision_number(state)
         highest = up.highest_revision(self.storage)
         if revision is not None and revision <= highest:
             # older or the same: not worth a look (and no WONTGO): the tag may lag
-            self.skip[digest] = float("inf")
+            self.skip_digest(digest, float("inf"))
             return Outcome("nothing new", revision, f"the device had {highest}")
         signature = self.registry.read_blob(repo, layers["signature"]["digest"], MAX_SMALL_BLOB)
         keyset = None
@@ -140,7 +152,7 @@ class Puller:
             verified = up.verify_incoming(self.storage, incoming.state, incoming.signature,
                                           incoming.keyset, trust)  # fmt: skip
         except (TrustError, ManifestError) as e:
-            self.skip[digest] = float("inf")  # the same bytes are refused again: WONTGO once
+            self.skip_digest(digest, float("inf"))  # the same bytes are refused again
             return self._say(Outcome("refused", unverified_revision_number(incoming.state), str(e)))
         except DeviceError as e:  # no trusted keys on this device
             return self._say(Outcome("failed", reason=str(e)))
@@ -156,9 +168,9 @@ class Puller:
                 raise ObjectMissingError(f"object {ref.sha256}: {e}") from e
 
         try:
-            up.install_verified(self.storage, verified, incoming.keyset, fetch)
+            up.install_verified(self.storage, verified, fetch)
         except PvpyError as e:  # recorded by install_verified (WONTGO: retried later)
-            self.skip[digest] = time.monotonic() + self.retry_failed
+            self.skip_digest(digest, time.monotonic() + self.retry_failed)
             return self._say(Outcome("failed", revision, str(e)))
         return self.apply(revision, digest)
 
@@ -166,11 +178,11 @@ class Puller:
         try:
             reply = up.hand_to_pid1(self.storage, revision, self.control, APPLY_TIMEOUT)
         except PvpyError as e:  # recorded WONTGO by hand_to_pid1; the number can come again
-            self.skip[digest] = time.monotonic() + self.retry_failed
+            self.skip_digest(digest, time.monotonic() + self.retry_failed)
             return self._say(Outcome("failed", revision, f"not applied: {e}"))
         log.info("update requested", revision=revision, accepted=reply.get("accepted"))
         final = self.wait_final(revision)
-        self.skip[digest] = float("inf")  # whatever its end, this revision's number is used
+        self.skip_digest(digest, float("inf"))  # whatever its end, this revision's number is used
         if final is None:
             return self._say(Outcome("still going", revision))
         return self._say(Outcome(final.status, revision, final.reason))

@@ -19,6 +19,18 @@ STORAGE/``paths.PROGRESS``, written atomically. Only pvpy errors are recorded
 (WONTGO, ERROR): any other exception is a bug and propagates unrecorded, so a
 bug never passes for a refused revision.
 
+Only input that verified leaves a record under its revision number: a state
+signed by the trusted keys (and then refused for its number, fleet, expiry,
+schema or objects) is WONTGO under the number it was signed with. A state that
+is not signed by them says nothing about any revision: its refusal goes to one
+bounded file (``refusals``, the last ``MAX_REFUSALS``), so a peer inventing a
+revision number per request neither grows the records PID 1 reads nor touches
+``highest_revision`` (anti-rollback).
+
+A verified install also moves the trust root forward (``pvpy.trustroot``): the
+key set it rotated to, the fleet it binds to, its ``created`` time as the time
+floor; verification reads those back (``verify_incoming``).
+
 Persist points (``persist_point``) name every place where the update path
 has just made something durable; ``PVPY_POWERCUT=<point>`` cuts the power
 right there (tests walk every point).
@@ -51,6 +63,7 @@ from pvpy.store import Storage, write_atomic
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
 if TYPE_CHECKING:  # pvpy.trust pulls the crypto, which PID 1 (importing us) never loads
+    import datetime as dt
     from typing import Any, BinaryIO
 
     from pvpy.trust import VerifiedRevision
@@ -68,7 +81,7 @@ POWERCUT_EXIT = 99  # PID 1's exit code for a simulated power cut (sandbox only)
 
 PERSIST_POINTS = (
     "stage:object",  # one object of the new revision is on disk
-    "stage:trail",  # the new revision's trail is installed
+    "stage:trail",  # the new revision's trail is installed, its trust root facts kept
     "app:switched",  # the changed containers run the new revision, nothing committed
     "app:commit",  # pv_rev names the new revision, progress not yet UPDATED
     "app:rollback",  # ERROR recorded, old containers not yet back
@@ -78,6 +91,12 @@ PERSIST_POINTS = (
     "reboot:rollback",  # ERROR recorded, pv_try not yet cleared
     "gc:done",  # unpinned revisions and objects removed
 )
+
+
+# STORAGE/progress/refused.json: the last refusals of unverified input (belongs in
+# pvpy.paths, asked for in #13; not a <rev>.json, so no revision's record).
+REFUSALS_FILE = paths.REFUSALS
+MAX_REFUSALS = 8
 
 
 def persist_point(name: str) -> None:
@@ -203,50 +222,68 @@ def highest_revision(storage: Storage) -> int:
 
     Trails can be garbage-collected, so progress records count too (all but
     WONTGO: a refused revision was never installed, its number is not used up).
+    Records exist only for verified revisions (``note_refusal``): nothing
+    unverified input says moves this number.
     """
     known = [p.revision for p in all_progress(storage.root) if p.status != WONTGO]
     return max([0, *storage.revisions(), *known])
 
 
 def verify_incoming(
-    storage: Storage, state_bytes: bytes, sig_bytes: bytes, keyset: bytes | None, trust: Any
+    storage: Storage,
+    state_bytes: bytes,
+    sig_bytes: bytes,
+    keyset: bytes | None,
+    trust: Any,
+    *,
+    now: dt.datetime | None = None,
 ) -> VerifiedRevision:
     """Trust first, before a single object is taken: signature, schema, anti-rollback,
-    expiry. Returns the VerifiedRevision; a refusal is recorded WONTGO and re-raised."""
-    from pvpy.trust import verify_revision
+    fleet, expiry (at ``now``, default the clock, never before the time floor).
+    Returns the VerifiedRevision; a refusal is recorded and re-raised: WONTGO under
+    its number when the trusted keys signed it, else only in the bounded refusals."""
+    from pvpy import trustroot
+    from pvpy.trust import check_signature, verify_signed
 
     try:
-        return verify_revision(
-            state_bytes, sig_bytes, trust, objects=None,
-            current_revision=highest_revision(storage), keyset_bytes=keyset,
+        signed = check_signature(state_bytes, sig_bytes, trust, keyset)
+    except (TrustError, ManifestError) as e:
+        note_refusal(storage, state_bytes, str(e))
+        raise
+    try:
+        return verify_signed(
+            signed, objects=None, current_revision=highest_revision(storage),
+            fleet=trustroot.bound_fleet(storage.root), now=now,
+            time_floor=trustroot.time_floor(storage.root),
         )  # fmt: skip
     except (TrustError, ManifestError) as e:
-        _refuse_unparsed(storage, state_bytes, str(e))
+        _refuse_signed(storage, state_bytes, str(e))
         raise
 
 
 def install_verified(
     storage: Storage,
     verified: VerifiedRevision,
-    keyset: bytes | None,
     fetch: Callable[[ObjectRef], BinaryIO] | None = None,
 ) -> None:
     """Take the objects a verified revision lacks from ``fetch`` (None: they must be
     in the store already, uploaded by the API), check every object, install the
-    trail. Records QUEUED, DOWNLOADING, INPROGRESS "staged"; on failure removes
-    the objects it added (and a corrupt stored one no installed revision needs),
-    records WONTGO (bad input) or ERROR (the device failed) and re-raises.
+    trail and keep what it proves in the trust root (key set, fleet, time floor).
+    Records QUEUED, DOWNLOADING, INPROGRESS "staged"; on failure removes the
+    objects it added (and a corrupt stored one no installed revision needs) and
+    its trail, records WONTGO (bad input) or ERROR (the device failed) and re-raises.
     """
     with install_lock(storage):
-        _install_verified(storage, verified, keyset, fetch)
+        _install_verified(storage, verified, fetch)
 
 
 def _install_verified(
     storage: Storage,
     verified: VerifiedRevision,
-    keyset: bytes | None,
     fetch: Callable[[ObjectRef], BinaryIO] | None,
 ) -> None:
+    from pvpy import trustroot
+
     revision = verified.revision
     write_progress(storage.root, revision, QUEUED, "verified signature and schema")
     refs = list(verified.state.objects().values())
@@ -254,6 +291,7 @@ def _install_verified(
     total = sum(r.size for r in missing) or 1
     added: list[str] = []
     done = 0
+    installed = False
     try:
         if missing and fetch is None:
             raise ObjectMissingError(
@@ -275,10 +313,17 @@ def _install_verified(
                 _drop_added(storage, [ref.sha256])  # so that the next push sends it again
                 raise
         storage.install_revision(revision, verified.state_bytes, verified.signature_bytes)
-        if keyset is not None:
-            write_atomic(storage.root / paths.PROGRESS / f"{revision}.keys.json", keyset)
+        installed = True
+        # Installed and verified: from now on the device trusts what it proves. A power
+        # cut before this leaves the old trust root, after it the new (atomic writes).
+        kept = trustroot.record_verified(storage.root, verified)
+        if kept:
+            log.info("trust root moved forward", revision=revision, files=kept)
         persist_point("stage:trail")
     except PvpyError as e:
+        if installed:  # the trust root could not be kept: no half-taken revision
+            with contextlib.suppress(PvpyError):
+                storage.remove_revision(revision)
         _drop_added(storage, added)
         # bad input is refused (WONTGO); a device that failed (disk full) is ERROR
         refused = isinstance(e, ObjectCorruptError | ObjectMissingError | ObjectNameError)
@@ -307,7 +352,7 @@ def stage(storage_dir: Path, source: Path, trust: Any) -> State:
         except FileNotFoundError as e:
             raise ObjectMissingError(f"object {ref.sha256} is missing") from e
 
-    install_verified(storage, verified, keyset, fetch)
+    install_verified(storage, verified, fetch)
     return verified.state
 
 
@@ -348,21 +393,52 @@ def install_lock(storage: Storage) -> Iterator[None]:
         os.close(fd)  # closing drops the lock
 
 
-def _refuse_unparsed(storage: Storage, state_bytes: bytes, reason: str) -> None:
-    """WONTGO for a revision we refused; its number only if it can be read at all."""
-    try:
-        from pvpy.state import canonical
+def _claimed_revision(state_bytes: bytes) -> int | None:
+    """The revision number a state claims (unverified), if it can be read at all."""
+    from pvpy.state import canonical
 
+    try:
         doc = canonical.decode(state_bytes)
-        revision = doc.get("revision") if isinstance(doc, dict) else None
     except ManifestError:
-        revision = None
-    if isinstance(revision, int) and not isinstance(revision, bool) and revision > 0:
+        return None
+    revision = doc.get("revision") if isinstance(doc, dict) else None
+    ok = isinstance(revision, int) and not isinstance(revision, bool) and revision > 0
+    return revision if ok else None
+
+
+def _refuse_signed(storage: Storage, state_bytes: bytes, reason: str) -> None:
+    """WONTGO under the number the trusted keys signed (bounded: only they can make
+    one); never over the record of a revision the device really has."""
+    revision = _claimed_revision(state_bytes)
+    if revision is not None:
         existing = read_progress(storage.root, revision)
-        # never overwrite the record of a revision the device really has
         if existing is None and not storage.has_revision(revision):
             write_progress(storage.root, revision, WONTGO, reason)
-    log.info("update refused", reason=reason)
+    log.info("update refused", revision=revision, reason=reason)
+
+
+def note_refusal(storage: Storage, state_bytes: bytes, reason: str) -> None:
+    """A state the trusted keys did not sign: its number is anyone's invention, so it
+    names no record; the last ``MAX_REFUSALS`` go to one file. Never raises."""
+    entry = {"time": round(time.time(), 3), "claimed_revision": _claimed_revision(state_bytes),
+             "reason": reason[:300]}  # fmt: skip
+    path = Path(storage.root) / paths.PROGRESS / REFUSALS_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = [*last_refusals(storage.root), entry][-MAX_REFUSALS:]
+        write_atomic(path, json.dumps(entries).encode())
+    except (OSError, PvpyError) as e:
+        log.error("cannot record a refusal", error=str(e))
+    log.info("update refused", unverified_revision=entry["claimed_revision"], reason=reason)
+
+
+def last_refusals(storage: Path) -> list[dict[str, Any]]:
+    """The last refusals of unverified input, oldest first (for status and logs)."""
+    try:
+        entries = json.loads((Path(storage) / paths.PROGRESS / REFUSALS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
 def _drop_added(storage: Storage, added: list[str]) -> None:

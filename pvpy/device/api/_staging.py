@@ -72,15 +72,22 @@ class _PendingState:
     revision: int
     sizes: dict[str, int]
     expires: float
+    checked: int  # order of checking: the newest state's word on a size counts
 
 
 class Pending:
     """The signed sizes of the objects of recently checked states: an upload of an
-    object a pending state names is held to that size (not ``max_object``)."""
+    object a pending state names is held to that size (not ``max_object``).
+
+    Two verified states may disagree on an object's size (a signer's mistake,
+    fixed by signing again): the one checked last decides, so a state with a wrong
+    size never blocks the upload a corrected one needs (an object is its hash:
+    only one size can be right, and the hash check still judges the bytes)."""
 
     def __init__(self) -> None:
         self._states: dict[int, _PendingState] = {}
         self._lock = threading.Lock()
+        self._checked = 0
 
     def add(self, verified: VerifiedRevision) -> None:
         sizes = {ref.sha256: ref.size for ref in verified.state.objects().values()}
@@ -89,16 +96,21 @@ class Pending:
             states = self._states
             for rev in [r for r, p in states.items() if p.expires < now]:
                 del states[rev]
-            states[verified.revision] = _PendingState(verified.revision, sizes, now + PENDING_FOR)
+            self._checked += 1
+            states.pop(verified.revision, None)
+            states[verified.revision] = _PendingState(
+                verified.revision, sizes, now + PENDING_FOR, self._checked
+            )
             while len(states) > MAX_PENDING:
-                del states[min(states, key=lambda r: states[r].expires)]
+                del states[min(states, key=lambda r: states[r].checked)]
 
     def signed_size(self, name: str) -> int | None:
+        """The size the newest pending state naming ``name`` signed, or None."""
         now = time.monotonic()
         with self._lock:
-            sizes = [p.sizes[name] for p in self._states.values()
-                     if p.expires >= now and name in p.sizes]  # fmt: skip
-        return max(sizes) if sizes else None
+            naming = [p for p in self._states.values() if p.expires >= now and name in p.sizes]
+            newest = max(naming, key=lambda p: p.checked, default=None)
+        return newest.sizes[name] if newest is not None else None
 
     def drop(self, revision: int) -> None:
         with self._lock:
@@ -143,7 +155,7 @@ class Staging:
             trust = load_trust(self.storage.root)
             verified = up.verify_incoming(self.storage, state, signature, keyset, trust)
             revision = verified.revision
-            up.install_verified(self.storage, verified, keyset)
+            up.install_verified(self.storage, verified)
             self.pending.drop(revision)
             log.info("revision installed", revision=revision)
             reply = up.hand_to_pid1(

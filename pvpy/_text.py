@@ -59,3 +59,6 @@ def print_status(status: Mapping[str, Any]) -> None:
             [[str(u["revision"]), u["status"], u["kind"] or "-", u["reason"][:60]]
              for u in status["updates"]],
         )  # fmt: skip
+        older = int(status.get("updates_total") or 0) - len(status["updates"])
+        if older > 0:
+            print(f"({older} older update records not shown)")

@@ -10,7 +10,12 @@ board) is emptied by every boot::
     STORAGE/disks/permanent/<name>    data that survives every update
     STORAGE/progress/<rev>.json       an update's record (pvpy.device.update)
     STORAGE/logs/<container>.log      container output, capped
-    STORAGE/trust/                    the trusted keys (PEM files or key sets)
+    STORAGE/trust/NN-<file>           the factory's trusted keys (PEM files or key sets)
+    STORAGE/trust/keys-v<V>-rev<R>.json  a key set rotated to by revision R (pvpy.trustroot)
+    STORAGE/trust/fleet               the fleet this device is bound to
+    STORAGE/trust/time-floor          the newest signed time verified (clockless boards)
+    STORAGE/progress/refused.json     the last refusals of unverified input
+    STORAGE/.device.lock              held by the device running this storage
     STORAGE/bootenv                   the sandbox's boot variables (file backend)
     STORAGE/config/api-token          the API's bearer token (0600)
     STORAGE/config/api-cert.pem       the API's TLS certificate and key
@@ -36,6 +41,9 @@ PERMANENT = "permanent"
 PROGRESS = "progress"
 LOGS = "logs"
 TRUST = "trust"
+TRUST_FLEET = "fleet"  # in TRUST
+TRUST_TIME_FLOOR = "time-floor"  # in TRUST
+REFUSALS = "refused.json"  # in PROGRESS
 BOOTENV = "bootenv"
 CONFIG = "config"
 API_TOKEN = f"{CONFIG}/api-token"
@@ -43,6 +51,7 @@ API_CERT = f"{CONFIG}/api-cert.pem"
 API_KEY = f"{CONFIG}/api-key.pem"
 PULL_CONFIG = f"{CONFIG}/pull.json"
 REGISTRY_AUTH = f"{CONFIG}/registry-auth"
+DEVICE_LOCK = ".device.lock"  # held by the device running this storage (its pid inside)
 INSTALL_LOCK = ".install.lock"  # held while a revision is staged (pvpy.device.update)
 PULL_LOCK = ".pull.lock"  # held by the one puller of a storage
 

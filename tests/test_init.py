@@ -24,7 +24,8 @@ PID1_MODULES = (
     "pvpy.device.pid1.loop, pvpy.device.pid1.children, pvpy.device.pid1.mounts, "
     "pvpy.device.pid1.shutdown, pvpy.device.pid1.watchdog, pvpy.device.pid1.options, "
     "pvpy.device.launcher, pvpy.device.managed, pvpy.device.readiness, pvpy.device.logsink, "
-    "pvpy.bootvars, pvpy.paths, pvpy.errors"
+    "pvpy.device.storagelock, "
+    "pvpy.device.confinement, pvpy.bootvars, pvpy.paths, pvpy.errors"
 )
 # Each costs PID 1 memory for its whole life and is not needed there (bench/findings.md).
 # hashlib maps OpenSSL's libcrypto (~3 MiB of RSS); the boot verifier hashes, in a child.

@@ -46,8 +46,17 @@ def test_put_and_read_verified(store: ObjectStore) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["../../etc/passwd", "A" * 64, "a" * 63, "a" * 65, "", "/abs", "a" * 64 + "/x", ".tmp",
-     "a" * 64 + "\n"],  # fmt: skip
+    [
+        "../../etc/passwd",
+        "A" * 64,
+        "a" * 63,
+        "a" * 65,
+        "",
+        "/abs",
+        "a" * 64 + "/x",
+        ".tmp",
+        "a" * 64 + "\n",
+    ],
 )
 def test_names_that_are_not_sha256_are_refused(store: ObjectStore, bad: str) -> None:
     with pytest.raises(ObjectNameError):

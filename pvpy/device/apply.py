@@ -13,9 +13,11 @@ facts, and the ways to verify, reboot and set the running revision: exactly
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
-from pvpy import bootvars
+from pvpy import bootvars, paths
 from pvpy.bootvars import BootVars
 from pvpy.log import get_logger
 
@@ -49,6 +51,10 @@ class Applier:
         self.host = host
         self.update: UpdateRun | None = None
         self.health_reported = False
+        # Trails the last GC kept only because running containers still use their
+        # disks: collected as soon as one of them is no longer used (see ``check``).
+        self.gc_owed: set[int] = set()
+        self.gc_retry_at: float | None = None  # GC deferred while a revision was staged
 
     @property
     def trying(self) -> bool:
@@ -64,10 +70,18 @@ class Applier:
             raise RuntimeError("an update is under way but no revision runs")
         return sup
 
+    def collect(self, now: float) -> None:
+        """GC now, or again in GC_RETRY seconds if staging holds the install lock."""
+        owed = collect_garbage(self.host)
+        self.gc_retry_at = now + GC_RETRY if owed is None else None
+        self.gc_owed = owed or set()
+
     def next_deadline(self) -> float | None:
         """When ``check`` must run although nothing else happens: the commit delay
-        or the commit timeout running out (PID 1's loop sleeps until then)."""
+        or the commit timeout running out, a deferred GC (PID 1's loop sleeps until then)."""
         u, sup = self.update, self.host.supervisor
+        if u is None and self.gc_retry_at is not None and not self.host.shutdown_pending:
+            return self.gc_retry_at
         if u is None or u.phase != "testing" or sup is None or self.host.shutdown_pending:
             return None
         if u.goals_met_at is not None:
@@ -178,6 +192,16 @@ class Applier:
         from pvpy.device import update as up
 
         u, sup = self.update, self.host.supervisor
+        idle = u is None and sup is not None and not self.host.shutdown_pending
+        if (
+            idle
+            and sup is not None
+            and (
+                (self.gc_retry_at is not None and now >= self.gc_retry_at)
+                or self.gc_owed - sup.revisions_in_use()
+            )
+        ):
+            self.collect(now)
         if u is None or sup is None or self.host.shutdown_pending:
             return
         if u.phase == "switching" and sup.pending_switch is None:
@@ -260,7 +284,7 @@ class Applier:
             up.write_progress(self.host.storage, u.revision, up.DONE, "committed", 100, kind=u.kind)
         self.host.set_revision(u.revision)
         self.update = None
-        collect_garbage(self.host)
+        self.collect(time.monotonic())
 
     def fail(self, u: UpdateRun, reason: str) -> None:
         from pvpy.device import update as up
@@ -358,14 +382,69 @@ def pinned_revisions(host: ApplyHost) -> set[int]:
     return pins
 
 
-def collect_garbage(host: ApplyHost) -> None:
+def revisions_in_use(host: ApplyHost) -> set[int]:
+    """Revisions whose trails hold the writable layers of running containers.
+
+    An app-only update keeps an unchanged container running on the writable
+    layer (``trails/<rev>/disks/<ctr>/``) of the revision it was started in;
+    removing that trail would pull its whole layer from under it. Its next
+    start is in the revision then running, with that revision's own layer
+    (``revision`` persistence: a layer per revision), and the old trail goes
+    at the next GC (``Applier.check`` runs it as soon as it is free).
+    """
+    sup = host.supervisor
+    return sup.revisions_in_use() if sup is not None else set()
+
+
+GC_RETRY = 5.0  # seconds: how soon GC is tried again when staging held the install lock
+
+
+def _try_install_lock(storage: Path) -> int | None:
+    """The install lock (``pvpy.device.update.install_lock``) if no one holds it, else
+    None. PID 1 never waits for it: a staging process may hold it for minutes."""
+    import fcntl
+
+    fd = os.open(storage / paths.INSTALL_LOCK, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def collect_garbage(host: ApplyHost) -> set[int] | None:
+    """Remove every unpinned revision and unreferenced object; returns the revisions
+    kept only because running containers still use their disks (GC owed), or None
+    when a revision is being staged (GC deferred: see below).
+
+    Staging (``pvpy device update``, the API, the puller: other processes) puts
+    objects into the store before the trail that names them exists; a GC in
+    between would take them for garbage. Both hold the install lock, so GC only
+    runs when no one stages.
+    """
     from pvpy.device import update as up
     from pvpy.store import Storage
 
     try:
-        result = Storage(host.storage).gc(pinned_revisions(host))
+        lock = _try_install_lock(Path(host.storage))
+    except OSError as e:
+        log.warning("gc: install lock unavailable; nothing removed", error=str(e))
+        return set()
+    if lock is None:
+        log.info("gc deferred: a revision is being staged")
+        return None
+    try:
+        pins = pinned_revisions(host)
+        in_use = revisions_in_use(host)
+        result = Storage(host.storage).gc(pins | in_use)
         log.info("garbage collected", revisions=result.removed_revisions,
-                 objects=len(result.removed_objects), freed=result.freed_bytes)  # fmt: skip
+                 objects=len(result.removed_objects), freed=result.freed_bytes,
+                 kept_in_use=sorted(in_use - pins) or None)  # fmt: skip
         up.persist_point("gc:done")
     except Exception as e:
         log.warning("gc failed; nothing removed", error=str(e))
+        return set()
+    finally:
+        os.close(lock)
+    return in_use - pins

@@ -60,10 +60,22 @@ class Managed:
         self.notify_fd: int | None = None  # read end of the notify FIFO
         self.notify_keep: int | None = None  # our write end: no EOF when writers leave
         self.notify_token = 0
+        # The revision whose disks (``revision`` writable layer and volumes) the
+        # running process uses: the one it was started in. An app-only update
+        # carries an unchanged container over with its process, so this can be
+        # older than the revision running; GC must keep that trail (``revisions_in_use``).
+        self.disk_revision: int | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def uses_revision_disks(self) -> bool:
+        """Its process runs on a writable layer or volume under a revision's trail."""
+        spec = self.spec
+        return self.pid is not None and (
+            spec.writable == "revision" or any(v.persistence == "revision" for v in spec.volumes)
+        )
 
     def goal_met(self) -> bool:
         if self.spec.status_goal == READY:
@@ -93,6 +105,7 @@ class Managed:
                 os.close(self.out_fd)
                 self.out_fd = None
         self.pid = None
+        self.disk_revision = None  # its next start is in the revision then running
         self.last_exit = describe_status(status)
         self.exit_code = os.waitstatus_to_exitcode(status)
 
@@ -139,6 +152,19 @@ class Managed:
             return
         os.close(self.out_fd)  # EOF: crun and the container closed their ends
         self.out_fd = None
+
+    def drop_fd(self, fd: int) -> None:
+        """Close ``fd`` (its output pipe or notify FIFO) because PID 1 cannot wait on it."""
+        for attr in ("out_fd", "notify_fd"):
+            if getattr(self, attr) == fd:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, attr, None)
+        if self.notify_fd is None and self.notify_keep is not None:
+            # its next start opens the FIFO again (``Launcher.spawn``)
+            with contextlib.suppress(OSError):
+                os.close(self.notify_keep)
+            self.notify_keep = None
 
     def close_fds(self) -> None:
         """Close the notify FIFO, the output pipe and the log (idempotent)."""

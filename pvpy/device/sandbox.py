@@ -21,6 +21,7 @@ from typing import NoReturn
 
 from pvpy import paths
 from pvpy.device import _linux
+from pvpy.device.storagelock import lock_storage
 from pvpy.device.update import POWERCUT_EXIT
 from pvpy.errors import DeviceError, StoreError
 from pvpy.log import get_logger
@@ -103,15 +104,30 @@ def _boot_once(argv: list[str]) -> int:
 def run(
     storage_dir: Path, init_args: list[str], max_boots: int | None = None, max_tries: int = 1
 ) -> int:
-    """Boot the sandboxed device until it powers off. Returns an exit code."""
-    from pvpy.device.bootenv import choose_boot
-    from pvpy.device.bootenv.file import FileBootEnv
+    """Boot the sandboxed device until it powers off. Returns an exit code.
 
+    Raises DeviceError when another device runs this storage (``storagelock``).
+    """
     if os.geteuid() != 0:
         raise DeviceError("the sandbox needs root (namespaces, mounts, crun)")
     storage_dir = Path(storage_dir).resolve()
     if not Storage(storage_dir).revisions():
         raise StoreError(f"{storage_dir}: no revision installed (run `pvpy device provision`)")
+    # Before anything is touched: a second device on this storage is refused, and
+    # must not remove the first one's run dir (sockets) on its way out.
+    lock = lock_storage(storage_dir)
+    try:
+        return _run_locked(storage_dir, init_args, max_boots, max_tries)
+    finally:
+        os.close(lock)
+
+
+def _run_locked(
+    storage_dir: Path, init_args: list[str], max_boots: int | None, max_tries: int
+) -> int:
+    from pvpy.device.bootenv import choose_boot
+    from pvpy.device.bootenv.file import FileBootEnv
+
     env = FileBootEnv(storage_dir / paths.BOOTENV)
     run_dir = paths.sandbox_run_dir(storage_dir)
     # PID 1 compares this with its own before calling reboot(2): never the host's.
@@ -122,6 +138,12 @@ def run(
             boots += 1
             choice = choose_boot(env, max_tries=max_tries)
             log.info("boot", n=boots, revision=choice.revision, trying=choice.trying)
+            # A board's /run is a tmpfs: every boot starts with it empty. Ours is a
+            # host directory that outlives PID 1 (a power cut, a reboot, a launcher
+            # killed earlier), and crun state left in RUN/crun made the next boot
+            # fail with "container hostos already exists". The storage lock is ours:
+            # no other device uses this run dir.
+            shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True, exist_ok=True)
             argv = [
                 "-m", "pvpy", "init", "--sandbox",

@@ -121,6 +121,15 @@ class Supervisor:
             ],
         }
 
+    def revisions_in_use(self) -> set[int]:
+        """The revisions whose trails hold the writable layers and volumes of running
+        containers (``Managed.disk_revision``): GC must not remove them."""
+        return {
+            m.disk_revision
+            for m in self.containers.values()
+            if m.disk_revision is not None and m.uses_revision_disks()
+        }
+
     def has(self, name: object) -> bool:
         return isinstance(name, str) and name in self.containers
 
@@ -149,6 +158,32 @@ class Supervisor:
                 for line in read_notify(fd):
                     self.on_notify(m.name, line)
                 return
+
+    def drop_fd(self, fd: int) -> None:
+        """PID 1 cannot wait on ``fd`` (from ``watched_fds``): close it. The container
+        runs on; what came through that fd (output, notify lines) is lost, a lost
+        inotify fd means polling for pid files."""
+        if fd == self.launcher.inotify_fd:
+            self.launcher.close()
+            return
+        for m in self.containers.values():
+            if fd in (m.out_fd, m.notify_fd):
+                log.error("container fd dropped", container=m.name,
+                          what="output" if fd == m.out_fd else "notify")  # fmt: skip
+                m.drop_fd(fd)
+                return
+
+    def inject_bad_fd(self) -> bool:
+        """Test-only fault (PVPY_TEST_FAULTS): the first container's notify fd turns
+        into a regular file, which epoll refuses (EPERM). False: no such container."""
+        m = next((m for m in self.containers.values() if m.notify_fd is not None), None)
+        if m is None or m.notify_fd is None:
+            return False
+        regular = os.open("/proc/self/exe", os.O_RDONLY | os.O_CLOEXEC)
+        os.dup2(regular, m.notify_fd, inheritable=False)
+        os.close(regular)
+        m.notify_token = -m.notify_token - 1  # a new opening: PID 1 registers it anew
+        return True
 
     def on_output(self, fd: int) -> None:
         m = self.output_fds().get(fd)
@@ -252,6 +287,7 @@ class Supervisor:
         self.runtime.prepare(m.spec, self.state.revision)
         self._set(m, MOUNTED)
         self.launcher.spawn(m)
+        m.disk_revision = self.state.revision
         self._set(m, STARTING)
 
     # -- events from PID 1 --------------------------------------------------------

@@ -4,9 +4,10 @@ The boot choice comes from the flags (the sandbox launcher) or, on a board,
 from the kernel command line the bootloader wrote (``setup_board``; on a
 Raspberry Pi from the tryboot boot env and the firmware's flag). The chosen
 revision is verified in a short-lived child (signature, schema, objects: the
-heavy crypto never lives in PID 1); when it does not verify, older installed
-revisions are tried, newest first. With nothing runnable PID 1 stays up
-without containers (the control socket stays alive).
+heavy crypto never lives in PID 1); when it does not verify, the installed
+revisions that once ran well are tried, newest first (``good_fallbacks``).
+With nothing runnable PID 1 stays up without containers (the control socket
+stays alive).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from pvpy.device.board import BoardConfig, BootArgs
     from pvpy.device.bootenv import BootEnv
     from pvpy.device.supervisor import Supervisor
+    from pvpy.store import Storage
 
 log = get_logger("init")
 
@@ -165,11 +167,19 @@ class Boot:
         return open_bootenv(self.options.bootenv or f"file:{self.storage / 'bootenv'}")
 
     def _candidates(self) -> list[int]:
-        """The boot revision first, then older installed ones, newest first."""
+        """The boot revision first, then the older fallbacks that once ran well,
+        newest first (``good_fallbacks``)."""
+        from pvpy.bootvars import BootVars
         from pvpy.store import Storage
 
+        committed = None
+        if self.bootenv is not None:
+            try:
+                committed = BootVars.parse(self.bootenv.read()).rev
+            except Exception as e:  # an unreadable boot env: no committed revision known
+                log.error("boot env unreadable for the fallbacks", error=str(e))
         boot = self.boot_revision
-        others = sorted((r for r in Storage(self.storage).revisions() if r != boot), reverse=True)
+        others = [r for r in good_fallbacks(Storage(self.storage), committed) if r != boot]
         return [boot, *others] if boot is not None else others
 
     def _next(self) -> None:
@@ -201,3 +211,23 @@ class Boot:
         log.info("booting revision", revision=revision, trying=self.trying)
         self.on_booted(revision)
         self.supervisor.start()
+
+
+def good_fallbacks(storage: Storage, committed: int | None) -> list[int]:
+    """Installed revisions PID 1 may fall back to, newest first: the committed one
+    (``pv_rev``, whatever its record says: a power cut can leave it unfinished),
+    those whose record says they committed (DONE, UPDATED), and those that never
+    had a record (the factory revision). Never one that failed (ERROR), was
+    refused (WONTGO) or never committed (a staged or tested revision): when the
+    committed revision is corrupt, a newer revision that failed must not run.
+
+    Reads only the records of installed revisions (not every record stored).
+    """
+    from pvpy.device import update as up
+
+    good = []
+    for revision in storage.revisions():
+        record = up.read_progress(storage.root, revision)
+        if revision == committed or record is None or record.status in (up.DONE, up.UPDATED):
+            good.append(revision)
+    return sorted(good, reverse=True)

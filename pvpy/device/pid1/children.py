@@ -135,6 +135,8 @@ def helper_processes(options: Options, storage: Path, run_dir: Path) -> list[Hel
         argv = ["device", "api", *base]
         if options.api_tcp:
             argv += ["--tcp", options.api_tcp, "--token-file", str(storage / paths.API_TOKEN)]
+            if options.api_plain_http:
+                argv.append("--plain-http")
         helpers.append(Helper("api server", argv))
     pull = pull_config(options, storage)
     if pull is not None:

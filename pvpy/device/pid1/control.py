@@ -3,7 +3,8 @@
 The server never blocks the loop: clients are non-blocking, each has a buffer
 and CLIENT_TIMEOUT to send its whole line, and a request bigger than
 MAX_REQUEST is dropped. ``dispatch`` answers a request; an exception there
-becomes an error reply (a bad request must never hurt PID 1). Clients:
+becomes an error reply (a bad request must never hurt PID 1). A status reply
+stays small whatever the storage holds (``STATUS_UPDATES`` records and a count). Clients:
 ``pvpy.control`` (the CLI, the API server, the puller, the tests).
 """
 
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pvpy import paths
 from pvpy.bootvars import BootVars
 from pvpy.device.pid1.loop import Loop
 from pvpy.device.pid1.shutdown import REBOOT_COMMANDS
@@ -26,8 +28,10 @@ if TYPE_CHECKING:
     from typing import Any
 
     from pvpy.device.pid1.process import Pid1
+    from pvpy.device.update import Progress
 
 MAX_REQUEST = 64 * 1024
+STATUS_UPDATES = 32  # update records in a status reply: the newest (see ``recent_progress``)
 CLIENT_TIMEOUT = 2.0
 
 Handler = Callable[["dict[str, Any]"], "dict[str, Any]"]
@@ -141,9 +145,26 @@ def dispatch(pid1: Pid1, request: dict[str, Any]) -> dict[str, Any]:
     return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 
-def status(pid1: Pid1) -> dict[str, Any]:
+def recent_progress(storage: Path, limit: int) -> tuple[list[Progress], int]:
+    """The update records of the ``limit`` newest revisions (oldest first) and how
+    many records there are. Only their names are listed, only those ``limit`` are
+    read: a storage can hold any number (every update offered leaves one), and
+    reading them all for every status request made PID 1 slow and its reply huge."""
     from pvpy.device import update as up
 
+    try:
+        names = os.listdir(Path(storage) / paths.PROGRESS)
+    except OSError:
+        return [], 0
+    revisions = sorted(
+        int(stem) for stem in (n[:-5] for n in names if n.endswith(".json"))
+        if stem.isascii() and stem.isdigit()
+    )  # fmt: skip
+    shown = [up.read_progress(storage, r) for r in revisions[-limit:]] if limit > 0 else []
+    return [p for p in shown if p is not None], len(revisions)
+
+
+def status(pid1: Pid1) -> dict[str, Any]:
     supervisor, boot = pid1.supervisor, pid1.boot
     sup = supervisor.status() if supervisor else {
         "containers": [], "all_goals_met": False, "goals_missed": [], "group": None,
@@ -153,6 +174,7 @@ def status(pid1: Pid1) -> dict[str, Any]:
         if boot.bootenv is not None:
             env = BootVars.parse(boot.bootenv.read())
     updates = pid1.updates
+    updates_shown, updates_total = recent_progress(pid1.storage, STATUS_UPDATES)
     return {
         "ok": True,
         "pid": os.getpid(),
@@ -161,7 +183,8 @@ def status(pid1: Pid1) -> dict[str, Any]:
         "committed": env.rev,
         "try": env.try_rev,
         "updating": updates.update.revision if updates.update else None,
-        "updates": [p.to_dict() for p in up.all_progress(pid1.storage)],
+        "updates": [p.to_dict() for p in updates_shown],
+        "updates_total": updates_total,
         "trying": updates.trying,
         "boot_error": boot.boot_error,
         "pending": pid1.shutdown.action,

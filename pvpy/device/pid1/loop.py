@@ -57,6 +57,8 @@ class Loop:
         self.unclaimed: Callable[[int, int], bool] = lambda _pid, _status: False
         self._on_signal: Callable[[signal.Signals], None] = lambda _sig: None
         self._tracked: dict[int, int] = {}  # fd -> token, see ``track``
+        self._refused: dict[int, int] = {}  # fd -> token the selector would not take
+        self._on_refused: FdCallback | None = None  # the owner of the tracked fds
 
     # -- registration ------------------------------------------------------------
 
@@ -71,21 +73,46 @@ class Loop:
         """``callback(status)`` from the loop when ``pid`` exits."""
         self.children[pid] = callback
 
-    def track(self, wanted: dict[int, int], callback: FdCallback) -> None:
+    def track(
+        self, wanted: dict[int, int], callback: FdCallback, refused: FdCallback | None = None
+    ) -> None:
         """Keep the selector watching exactly ``wanted`` (fd -> token) for ``callback``.
 
         Container output pipes and notify FIFOs come and go with containers;
         each open fd carries a token, so a reused fd number is registered anew.
+        An fd the selector will not take (epoll refuses a regular file: EPERM;
+        a closed one: EBADF) is logged once and handed to ``refused`` for its
+        owner to drop; the others are served as ever. Raising here instead
+        would fail every pass of PID 1's loop: no control socket, no watchdog.
         """
+        self._on_refused = refused
         for fd, token in list(self._tracked.items()):
             if wanted.get(fd) != token:
                 self.unwatch(fd)
                 del self._tracked[fd]
+        for fd in [fd for fd, token in self._refused.items() if wanted.get(fd) != token]:
+            del self._refused[fd]
         for fd, token in wanted.items():
-            if fd not in self._tracked:
-                self.unwatch(fd)  # a stale entry under a reused number
+            if fd in self._tracked or self._refused.get(fd) == token:
+                continue
+            self.unwatch(fd)  # a stale entry under a reused number
+            try:
                 self.watch(fd, callback)
-                self._tracked[fd] = token
+            except (OSError, ValueError) as e:
+                self._refused[fd] = token
+                log.error("fd refused by the selector; dropped", fd=fd, error=str(e))
+                self._drop(fd, refused)
+                continue
+            self._tracked[fd] = token
+
+    def _drop(self, fd: int, owner: FdCallback | None) -> None:
+        """Tell the owner of a tracked fd that PID 1 no longer serves it."""
+        if owner is None:
+            return
+        try:
+            owner(fd)
+        except Exception:
+            log.exception("dropping an fd failed", fd=fd)
 
     def install_signals(
         self, signals: Iterable[signal.Signals], on_signal: Callable[[signal.Signals], None]
@@ -114,7 +141,17 @@ class Loop:
         run the callbacks of the ready fds, then reap."""
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         for key, _ in self.selector.select(timeout):
-            key.data(key.fd)
+            try:
+                key.data(key.fd)
+            except Exception:
+                # One failing callback must not starve the others (nor the reaping).
+                # A container's fd that keeps failing would wake us at once, again
+                # and again: its owner drops it. PID 1's own fds stay watched.
+                log.exception("fd callback failed", fd=key.fd)
+                if key.fd in self._tracked:
+                    self.unwatch(key.fd)
+                    self._refused[key.fd] = self._tracked.pop(key.fd)
+                    self._drop(key.fd, self._on_refused)
         self.reap()
 
     def reap(self) -> None:

@@ -22,6 +22,7 @@ class Options:
     bootenv: str | None = None
     api: bool = False
     api_tcp: str | None = None
+    api_plain_http: bool = False
     pull: str | None = None
     pull_interval: float = 60.0
     pull_plain_http: bool = False
@@ -47,7 +48,8 @@ OPTIONS: dict[str, tuple[object, str, str]] = {
     "--bootenv": (str, "KIND:PATH", "boot environment, e.g. file:/storage/bootenv"),
     "--api": ("flag", "", "run the device API server (unix socket RUN_DIR/api.sock)"),
     "--api-tcp": (str, "HOST:PORT",
-                  "also serve the API on TCP (bearer token in STORAGE/config/api-token)"),
+                  "also serve the API on TCP: TLS, credentials in STORAGE/config/api-token"),
+    "--api-plain-http": ("flag", "", "serve the TCP API without TLS (a trusted network only)"),
     "--pull": (str, "REGISTRY/REPO:TAG",
                "poll this registry tag for new revisions (else STORAGE/config/pull.json)"),
     "--pull-interval": (float, "SECONDS", "seconds between polls"),

@@ -20,6 +20,8 @@ Duties, in order (``Pid1.run``):
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -57,7 +59,7 @@ class Pid1:
         self.storage = Path(options.storage)
         self.run_dir = Path(options.run_dir)
         self.booted_at = time.monotonic()
-        self.fault: str | None = None  # injected by tests: "raise" or "hang"
+        self.fault: str | None = None  # injected by tests: "raise", "hang" or "bad-fd"
         self.loop = Loop()
         self.loop.unclaimed = self._container_exited
         self.mounts = mounts.Mounts()
@@ -68,6 +70,7 @@ class Pid1:
         self.updates = Applier(self)
         self.boot = Boot(options, self.loop, on_booted=self.updates.reconcile,
                          on_device_request=self.on_device_request)  # fmt: skip
+        self.storage_lock: int | None = None  # on a board (see ``lock_storage``)
 
     def run(self) -> NoReturn:
         try:
@@ -83,6 +86,8 @@ class Pid1:
                 self.setup_board(self.options.board)
             except Exception:
                 log.exception("board setup failed; going on")
+        if not self.sandbox:
+            self.lock_storage()
         try:
             self.boot.prepare()
             self.helpers.helpers = helper_processes(self.options, self.storage, self.run_dir)
@@ -101,6 +106,25 @@ class Pid1:
             board.wait_for(self.options.watchdog, config.watchdog_timeout)
             self.watchdog = Watchdog(self.options.watchdog, self.options.watchdog_interval)
 
+    def lock_storage(self) -> None:
+        """On a board PID 1 is the device: it holds the storage's device lock (the
+        sandbox's launcher holds it there), so a sandbox run against this storage
+        mounted elsewhere is refused. Not getting it is logged; PID 1 boots anyway."""
+        from pvpy.device.storagelock import lock_storage
+        from pvpy.errors import PvpyError
+
+        try:
+            self.storage_lock = lock_storage(self.storage)
+        except PvpyError as e:
+            log.error("storage lock not taken; booting anyway", error=str(e))
+
+    def release_storage_lock(self) -> None:
+        """Before the storage is unmounted: an open fd would keep it busy."""
+        if self.storage_lock is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.storage_lock)
+            self.storage_lock = None
+
     # -- the loop --------------------------------------------------------------------
 
     def step(self) -> None:
@@ -113,7 +137,10 @@ class Pid1:
             time.sleep(3600)  # a wedged loop: the watchdog must stop being fed
         supervisor = self.supervisor
         if supervisor is not None:
-            self.loop.track(supervisor.watched_fds(), supervisor.on_fd)
+            if self.fault == "bad-fd":
+                self.fault = None
+                supervisor.inject_bad_fd()
+            self.loop.track(supervisor.watched_fds(), supervisor.on_fd, supervisor.drop_fd)
         self.loop.wait(self.next_deadline())
         supervisor = self.supervisor  # a verifier that exited just now may have started one
         if supervisor is not None:
@@ -125,6 +152,7 @@ class Pid1:
             self.helpers.ensure(now)
         self.control.expire(now)
         if self.shutdown.due(now, self.helpers, self.supervisor):
+            self.release_storage_lock()
             self.shutdown.finish(self.supervisor, self.watchdog, self.mounts, self.sandbox)
 
     def next_deadline(self) -> float | None:

@@ -156,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-tcp",
         metavar="HOST:PORT",
-        help="serve the device API on TCP too (token: STORAGE/config/api-token)",
+        help="serve the device API on TCP too: TLS, credentials in STORAGE/config/api-token",
+    )
+    p.add_argument(
+        "--api-plain-http",
+        action="store_true",
+        help="serve the TCP API without TLS (the token crosses the network in clear)",
     )
     p.add_argument(
         "--pull",
@@ -242,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = dev.add_parser(
         "api",
         help="(device) serve the device API; PID 1 runs it",
-        description="HTTP/1.1 on RUN_DIR/api.sock (root only) and, with --tcp, on TCP with "
-        "a bearer token (STORAGE/config/api-token, mode 0600). See docs/openapi.yaml.",
+        description="HTTP/1.1 on RUN_DIR/api.sock (root only) and, with --tcp, HTTPS on TCP "
+        "with a bearer token (STORAGE/config/api-token, mode 0600) and the device certificate "
+        "(STORAGE/config/api-cert.pem, made when missing). See docs/openapi.yaml.",
     )
     p.add_argument("--storage", required=True, metavar="DIR")
     p.add_argument("--run-dir", required=True, metavar="DIR")
@@ -288,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and api-key.pem when both exist)",
     )
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="serve TCP without TLS (the token then crosses the network in clear)",
+    )
     p = dev.add_parser(
         "pull",
         help="(device) poll a registry tag; install and apply new revisions",
@@ -396,11 +407,16 @@ def _registry_options(p: argparse.ArgumentParser) -> None:
 def _token_options(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--token", help="API bearer token (TCP; visible in ps: prefer the others)")
-    group.add_argument("--token-file", metavar="FILE", help="file holding the API bearer token")
+    group.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the device's API credentials file (its token, and the certificate https pins)",
+    )
     p.add_argument(
         "--cacert",
         metavar="PEM",
-        help="https: trust this CA or device certificate (default: the system's)",
+        help="https: trust this CA or device certificate (default: the pin in --token-file, "
+        "else the system's CAs)",
     )
 
 

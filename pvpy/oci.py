@@ -37,7 +37,9 @@ Polling policy (``Puller.poll``): a tag whose revision is not newer than the
 highest the device ever installed is "nothing new", not an error, and records
 nothing. A manifest that failed is not tried again by this process (refused:
 never; a download or corruption failure: after ``retry_failed`` seconds), so a
-refused revision is recorded WONTGO once, not on every poll. A failed download
+refused revision signed by the device's keys is recorded WONTGO once, not on every
+poll; unsigned or untrusted input leaves only a bounded note (``pvpy.device.update``
+keeps the last refusals), never a record under the number it claims. A failed download
 is recorded WONTGO, never ERROR: WONTGO does not use up the revision number
 (``pvpy.device.update.highest_revision``), so the next attempt may install it.
 
@@ -88,10 +90,11 @@ MAX_REDIRECTS = 5
 
 # distribution-spec: repository name components and tags
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_REPO = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Used with fullmatch only: "$" also matches before a trailing newline.
+_REPO = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 # -- references ---------------------------------------------------------------------------
@@ -110,11 +113,11 @@ class Reference:
         """Raises UsageError: the registry host is required, the tag too."""
         host, slash, rest = text.partition("/")
         repo, colon, tag = rest.rpartition(":")
-        if not slash or not colon or "/" in tag or not _HOST.match(host):
+        if not slash or not colon or "/" in tag or not _HOST.fullmatch(host):
             raise UsageError(f"{text!r}: expected REGISTRY/REPO:TAG (127.0.0.1:5000/demo:stable)")
-        if not _REPO.match(repo) or len(repo) > 255:
+        if not _REPO.fullmatch(repo) or len(repo) > 255:
             raise UsageError(f"{text!r}: {repo!r} is not a repository name (lowercase, a-z0-9._-/)")
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise UsageError(f"{text!r}: {tag!r} is not a tag ([A-Za-z0-9_][A-Za-z0-9._-]*)")
         return cls(host, repo, tag)
 
@@ -127,18 +130,36 @@ def digest_of(data: bytes) -> str:
 
 
 def load_auth(path: Path) -> tuple[str, str]:
-    """``user:password`` from a file only root can read (like the API token)."""
+    """``user:password`` from a file only root can read (like the API token).
+
+    Raises UsageError; its message names the file, never what it holds."""
     try:
         st = path.stat()
-        text = path.read_text().strip()
+        with open(path, "rb") as f:
+            data = f.read(4097)
     except OSError as e:
         raise UsageError(f"{path}: {e.strerror}") from e
     if st.st_mode & 0o077:
         raise UsageError(f"{path}: readable by others (chmod 600 it)")
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a user:password text file") from None
     user, colon, password = text.partition(":")
-    if not colon or not user:
-        raise UsageError(f"{path}: expected user:password")
+    if len(data) > 4096 or "\n" in text or not colon or not user:
+        raise UsageError(f"{path}: expected one line, user:password")
     return user, password
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """Scheme, host and port of a URL (the port made explicit): who may see credentials."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), port or (443 if scheme == "https" else 80)
 
 
 # -- the distribution-spec client -------------------------------------------------------------
@@ -149,8 +170,10 @@ class Registry:
 
     One connection per request. Basic auth when credentials are given (bearer
     token challenges are not spoken yet). Blob GETs follow redirects (registries
-    with object storage send blobs from elsewhere); credentials never follow a
-    redirect to another host.
+    with object storage send blobs from elsewhere, e.g. a CDN's signed URL), but
+    credentials go only to the registry itself (same scheme, host and port): a
+    redirect elsewhere is followed without them, and one from https to http is
+    refused (the bytes would be checked, but who asks for what would show).
     """
 
     def __init__(
@@ -195,9 +218,15 @@ class Registry:
         (caller closes) and the response. Raises RegistryError unless its status is in
         ``ok`` (after following up to ``redirects`` redirects)."""
         url = urljoin(self.base + "/", url)
+        if urlsplit(self.base).scheme == "https" and urlsplit(url).scheme != "https":
+            raise RegistryError(f"{self.base}: refused to go from https to "
+                                f"{urlsplit(url).scheme}://{urlsplit(url).netloc}")  # fmt: skip
         conn = self._connection(url, self.timeout)
-        hdrs = dict(headers or {})
-        if self.authorization and urlsplit(url).netloc == self.host:
+        # Credentials only to the registry's own origin: never to a CDN a blob redirects
+        # to, nor in clear text (a Location may name http:// on the same host).
+        own = _origin(url) == _origin(self.base)
+        hdrs = {k: v for k, v in (headers or {}).items() if own or k.lower() != "authorization"}
+        if self.authorization and own:
             hdrs["Authorization"] = self.authorization
         if isinstance(body, bytes):
             hdrs.setdefault("Content-Length", str(len(body)))
@@ -365,7 +394,7 @@ def parse_manifest_unverified(data: bytes) -> dict[str, dict[str, Any]]:
             if role in ROLES:
                 if role in found or layer.get("mediaType") != ROLES[role]:
                     raise ValueError(f"a second or mistyped {role} layer")
-                if not _DIGEST.match(str(layer.get("digest"))):
+                if not _DIGEST.fullmatch(str(layer.get("digest"))):
                     raise ValueError(f"{role}: digest {layer.get('digest')!r}")
                 found[role] = layer
     except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 
 from pvpy.device import api
+from pvpy.device import update as up
 from pvpy.errors import (
     ApiError,
     CommandError,
@@ -71,8 +73,27 @@ def provision_token(storage: Path) -> str:
     return token
 
 
+def credentials_file(storage: Path, token: str, out: Path) -> Path:
+    """What a workstation is given for a device: its token and its certificate's pin."""
+    from pvpy.api_credentials import ApiCredentials, certificate_sha256
+
+    pin = certificate_sha256((storage / "config" / "api-cert.pem").read_bytes())
+    out.write_bytes(ApiCredentials(token, pin).render())
+    out.chmod(0o600)
+    return out
+
+
+def tls_client_context() -> ssl.SSLContext:
+    """TLS that trusts any certificate: these tests are about HTTP (pinning has its own)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class Client:
-    """Raw HTTP to the API (http.client never normalizes a path: "../" goes as sent)."""
+    """Raw HTTPS to the API, TLS by default as the device serves it (http.client never
+    normalizes a path: "../" goes as sent)."""
 
     def __init__(self, port: int, token: str | None) -> None:
         self.port = port
@@ -82,7 +103,8 @@ class Client:
         self, method: str, path: str, body: bytes | None = None,
         headers: dict[str, str] | None = None, token: str | None = "default", timeout: float = 30,
     ) -> tuple[int, Any]:  # fmt: skip
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                           context=tls_client_context())  # fmt: skip
         hdrs = dict(headers or {})
         bearer = self.token if token == "default" else token
         if bearer is not None:
@@ -315,11 +337,29 @@ def test_tls_with_a_device_certificate(tmp_path: Path) -> None:
                 time.sleep(0.2)
         out = pvpy("device", "logs", url, "web", "--token", token, "--cacert", cert)
         assert out.stdout == "hello over tls\n"
-        # the device is only trusted through its certificate; plain HTTP gets nothing
+        # the device is only trusted through its certificate
         out = pvpy("device", "logs", url, "web", "--token", token, check=False)
         assert out.returncode == 10 and "CERTIFICATE_VERIFY_FAILED" in out.stderr
-        assert pvpy("device", "logs", f"http://127.0.0.1:{port}", "--token", token,
-                    check=False).returncode == 10  # fmt: skip
+        # the credentials file alone: token, and the certificate pinned by its sha256
+        creds = credentials_file(storage, token, tmp_path / "device-creds")
+        assert (
+            pvpy("device", "logs", url, "web", "--token-file", creds).stdout == "hello over tls\n"
+        )
+        # another certificate than the pinned one: refused in one line, no token sent
+        from pvpy.api_credentials import ApiCredentials
+
+        wrong = tmp_path / "wrong-pin"
+        wrong.write_bytes(ApiCredentials(token, "0" * 64).render())
+        out = pvpy("device", "logs", url, "web", "--token-file", wrong, check=False)
+        assert out.returncode == 10 and "is not the pinned" in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+        # plain HTTP to the TLS port: told so, in plain HTTP (--token: nothing pinned)
+        out = pvpy("device", "logs", f"http://127.0.0.1:{port}", "--token", token, check=False)
+        assert out.returncode == 2 and "this port speaks TLS: use https://" in out.stderr
+        # with a pin in the token file the client does not even try plain HTTP
+        out = pvpy("device", "logs", f"http://127.0.0.1:{port}", "--token-file", creds,
+                   check=False)  # fmt: skip
+        assert out.returncode == 2 and f"use https://127.0.0.1:{port}" in out.stderr
 
 
 def raw_exchange(port: int, token: str | None, text: str, timeout: float = 10) -> bytes:
@@ -327,7 +367,8 @@ def raw_exchange(port: int, token: str | None, text: str, timeout: float = 10) -
     head, _, rest = text.partition("\r\n")
     if token is not None:
         head += f"\r\nAuthorization: Bearer {token}"
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    with tls_client_context().wrap_socket(raw) as s:
         s.sendall((head + "\r\n" + rest).encode())
         data = b""
         with contextlib.suppress(OSError):
@@ -336,6 +377,112 @@ def raw_exchange(port: int, token: str | None, text: str, timeout: float = 10) -
                 if b"\r\n\r\n" in data:
                     break
     return data
+
+
+def test_ambiguous_lengths_close_and_names_match_in_full(tmp_path: Path) -> None:
+    """Two Content-Length headers: 400 and the connection closed (the next request would
+    start where one of them says: smuggling). A trailing newline makes no valid name."""
+    storage, run_dir, port = tmp_path / "storage", tmp_path / "run", free_port()
+    token = provision_token(storage)
+    client = Client(port, token)
+    with api_process(storage, run_dir, port):
+        wait_api(client)
+        for method, lengths in (("GET", ("1", "5")), ("PUT", ("1", "1")), ("POST", ("1", " 1x"))):
+            path = f"/v1/objects/{sha(b'x')}" if method == "PUT" else "/v1/revisions"
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            with tls_client_context().wrap_socket(raw) as s:
+                s.sendall(
+                    f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}"
+                    f"\r\nContent-Length: {lengths[0]}\r\nContent-Length: {lengths[1]}"
+                    "\r\n\r\nxGET /v1/revisions HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                )
+                data = b""
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    while chunk := s.recv(65536):  # ends only when the server closes
+                        data += chunk
+            assert data.startswith(b"HTTP/1.1 400") and b"Connection: close" in data, data
+            assert data.count(b"HTTP/1.1") == 1, data
+        assert client.request("GET", "/v1/logs?tail=5%0A")[0] == 400
+        assert client.request("GET", "/v1/logs?tail=5")[0] == 200
+        assert client.request("GET", "/v1/revisions/1%0A")[0] == 400
+
+
+@contextlib.contextmanager
+def slowloris(port: int, count: int) -> Iterator[list[socket.socket]]:
+    """``count`` connections that send a request head a few bytes at a time, never
+    finishing it (half plain bytes, half inside a TLS session), until the block ends."""
+    socks: list[socket.socket] = []
+    stop = threading.Event()
+    try:
+        for i in range(count):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if i % 2:
+                with contextlib.suppress(OSError):
+                    s = tls_client_context().wrap_socket(s)
+            socks.append(s)
+
+        def drip() -> None:
+            line = b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Pad: "
+            for n in range(10_000):
+                for i, s in enumerate(socks):
+                    if i % 4 == 0:  # these only connect
+                        continue
+                    with contextlib.suppress(OSError, ValueError):
+                        s.send(line[n : n + 1] if n < len(line) else b"a")
+                if stop.wait(0.2):
+                    return
+
+        threading.Thread(target=drip, daemon=True).start()
+        time.sleep(0.5)
+        yield socks
+    finally:
+        stop.set()
+        for s in socks:
+            s.close()
+
+
+def keep_alive(port: int, token: str) -> socket.socket:
+    """A connection that made one request with the token and then idles (kept alive)."""
+    s = tls_client_context().wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5))
+    s.sendall(f"GET /v1/revisions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+              .encode())  # fmt: skip
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        data += s.recv(4096)
+    return s
+
+
+def test_slowloris_on_tcp_locks_out_neither_tcp_clients_nor_the_unix_socket(
+    tmp_path: Path,
+) -> None:
+    """Unauthenticated peers wait in a gate of their own: 100 sockets dripping request
+    heads hold none of the 4 slots; a client with the token gets in at once, the
+    unix socket is served, and the drippers are cut after the short auth deadline."""
+    storage, run_dir, port = tmp_path / "storage", tmp_path / "run", free_port()
+    token = provision_token(storage)
+    client = Client(port, token)
+    with api_process(storage, run_dir, port, "--max-connections", "4"):
+        wait_api(client)
+        with slowloris(port, 100) as socks:
+            for _ in range(3):
+                started = time.monotonic()
+                assert client.request("GET", "/v1/revisions", timeout=5)[0] == 200
+                assert time.monotonic() - started < 3
+            started = time.monotonic()
+            local = Device(f"unix:{run_dir / 'api.sock'}").call("GET", "/v1/revisions")
+            assert local["revisions"] == [] and time.monotonic() - started < 3
+            time.sleep(6.5)  # Limits.auth_timeout (5 s) and the gate's half-second round
+            cut = 0
+            for s in socks:  # plain ones were told "this port speaks TLS" (400) and closed
+                s.settimeout(0.5)
+                with contextlib.suppress(TimeoutError):
+                    try:
+                        while s.recv(4096):
+                            pass
+                    except (ssl.SSLError, ConnectionError):
+                        pass
+                    cut += 1
+            assert cut == len(socks)
 
 
 # -- with a sandbox device ---------------------------------------------------------------
@@ -422,18 +569,26 @@ def test_bad_input_and_floods_leave_pid1_alone(
         ).startswith(b"HTTP/1.1 413")
         assert raw_exchange(port, token, "GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
         assert objects_on(device.storage) == objects
-        # a state that parses but is not signed: refused and recorded WONTGO
-        assert client.request("GET", "/v1/revisions/77")[1]["status"] == "WONTGO"
+        # a state that parses but is not signed: refused, and no record under the number
+        # it claims (unverified input must not grow the records: only the last refusals)
+        assert client.request("GET", "/v1/revisions/77")[0] == 404
+        assert up.last_refusals(device.storage)
 
-        # slow clients: 8 idle connections fill the listener; the next gets 503 at once,
-        # PID 1 does not notice, and the idle ones are cut after --head-timeout
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        # 100 slowloris sockets (connect, drip a request head, never finish) hold no
+        # slot: a client with the token is served at once, PID 1 does not notice
+        with slowloris(port, 100):
+            started = time.monotonic()
+            assert client.request("GET", "/v1/status", timeout=5)[0] == 200
+            assert time.monotonic() - started < 3
+            assert device.status()["revision"] == 1
+        # slots are for clients with the token: 8 idle keep-alive connections fill the
+        # listener, the next gets 503 at once, the idle ones are cut after --head-timeout
+        idle = [keep_alive(port, token) for _ in range(8)]
         try:
             time.sleep(0.3)
             started = time.monotonic()
             assert client.request("GET", "/v1/revisions", timeout=5)[0] == 503
             assert time.monotonic() - started < 2
-            assert device.status()["revision"] == 1
             for s in idle:
                 s.settimeout(6)
                 assert s.recv(100) == b""  # closed by the server
@@ -503,9 +658,10 @@ def test_push_over_tcp_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Pat
     port = free_port()
     device: SandboxDevice = sandbox(v1, *COMMIT, "--api-tcp", f"127.0.0.1:{port}")
     token = provision_token(device.storage)  # read by the API when it changes: no restart
-    token_file = tmp_path / "token"
-    token_file.write_text(token)
-    url = f"http://127.0.0.1:{port}"
+    wait_api(Client(port, token))  # the API made its certificate at start (none provisioned)
+    token_file = credentials_file(device.storage, token, tmp_path / "token")
+    cert = device.storage / "config" / "api-cert.pem"
+    url = f"https://127.0.0.1:{port}"
     before = pids(device.wait_goals())
     wait_api(Client(port, token))
 
@@ -518,7 +674,7 @@ def test_push_over_tcp_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Pat
     assert now["hostos"] == before["hostos"]
 
     # the same images again: nothing is sent
-    out = pvpy("device", "push", url, v3, "--token", token, timeout=120)
+    out = pvpy("device", "push", url, v3, "--token", token, "--cacert", cert, timeout=120)
     assert "0 missing (0 B)" in out.stdout and "sent 0 object(s), 0 B" in out.stdout
     assert "revision 3: UPDATED" in out.stdout
     good = pids(device.wait_goals())
@@ -538,17 +694,19 @@ def test_push_over_tcp_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Pat
     assert "device refused revision 1" in out.stderr, out.stderr
     assert device.status()["revision"] == 3
     # without the token: refused, exit 10
-    out = pvpy("device", "push", url, v2, check=False)
+    out = pvpy("device", "push", url, v2, "--cacert", cert, check=False)
     assert out.returncode == 10 and "401" in out.stderr
 
     # status and logs, over TCP and over the unix socket (no token there)
-    out = pvpy("device", "status", url, "--token", token)
+    out = pvpy("device", "status", url, "--token-file", token_file)
     assert "running    3" in out.stdout and "steady" in out.stdout and "UPDATED" in out.stdout
     assert "running    3" in pvpy("device", "status", f"unix:{device.run_dir / 'api.sock'}").stdout
-    assert "web v3" in pvpy("device", "logs", url, "web", "--token", token).stdout
-    assert "web| web v3" in pvpy("device", "logs", url, "--token", token, "-n", "5").stdout
+    assert "web v3" in pvpy("device", "logs", url, "web", "--token-file", token_file).stdout
+    assert "web| web v3" in pvpy("device", "logs", url, "--token-file", token_file,
+                                 "-n", "5").stdout  # fmt: skip
     follower = subprocess.Popen(
-        [sys.executable, "-m", "pvpy", "device", "logs", url, "web", "-f", "-n", "0", "--token", token],
+        [sys.executable, "-m", "pvpy", "device", "logs", url, "web", "-f", "-n", "0",
+         "--token-file", token_file],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
         time.sleep(1)
@@ -567,8 +725,10 @@ def test_push_over_tcp_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Pat
     device.wait_goals()
     states = {r["revision"]: r["status"] for r in
               Client(port, token).request("GET", "/v1/revisions")[1]["revisions"]}  # fmt: skip
-    # 1 was garbage-collected after 3 committed: its refused push left a WONTGO record
-    assert states == {1: "WONTGO", 2: "UPDATED", 3: "UPDATED", 4: "ERROR"}
+    # 1 (the factory revision, no record) stays: the containers 2 and 3 did not change
+    # still run on its writable layers, so GC keeps its trail; its refused replay left
+    # no WONTGO over it (a replay must not mark an installed revision refused)
+    assert states == {1: None, 2: "UPDATED", 3: "UPDATED", 4: "ERROR"}
 
     # power off over TCP: the reply arrives (PID 1 stops the API process at once,
     # the API lets the reply out first), then the sandbox ends by itself
@@ -595,7 +755,7 @@ def test_fuzz_the_api_from_its_openapi_document(
     before = device.wait_goals()
     token, port = provision_token(device.storage), free_port()
     client = Client(port, token)
-    base_url = f"http://127.0.0.1:{port}"
+    base_url = f"https://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {token}"}
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,
               response_schema_conformance]  # fmt: skip
@@ -618,7 +778,8 @@ def test_fuzz_the_api_from_its_openapi_document(
                           suppress_health_check=list(HealthCheck))  # fmt: skip
                 @given(case=strategy)
                 def run(case: Any) -> None:
-                    response = case.call(base_url=base_url, headers=headers, timeout=15)
+                    response = case.call(base_url=base_url, headers=headers, timeout=15,
+                                         verify=False)  # fmt: skip
                     case.validate_response(response, checks=checks)
 
                 run()

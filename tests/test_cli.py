@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pvpy.state import canonical
+from tests.conftest import minimal_state
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "examples" / "demo"
 
@@ -179,7 +182,17 @@ def test_provision_makes_a_private_api_token(tmp_path: Path, demo_rootfs: Path) 
     )
     token = tmp_path / "dev" / "config" / "api-token"
     assert str(token) in out
-    assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) >= 24
+    assert oct(token.stat().st_mode & 0o777) == "0o600"
+    # the credentials: a token and the pin of the device's TLS certificate (key 0600)
+    from pvpy.api_credentials import certificate_sha256, read_credentials
+
+    credentials = read_credentials(token)
+    cert, key = (
+        tmp_path / "dev" / "config" / "api-cert.pem",
+        tmp_path / "dev" / "config" / "api-key.pem",
+    )
+    assert len(credentials.token) >= 24 and oct(key.stat().st_mode & 0o777) == "0o600"
+    assert credentials.tls_sha256 == certificate_sha256(cert.read_bytes())
     line = fails(
         10,
         "device",
@@ -217,3 +230,47 @@ def test_boot_verifier_loads_no_workstation_code(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_wrong_token_file_is_named_never_shown(tmp_path: Path) -> None:
+    """A private key given as --token-file by mistake: exit 2, one line naming the file
+    and what is wrong; nothing of what it holds (the key went to stderr before)."""
+    from pvpy.signing import PRIVATE_KEY_FILE
+
+    ok("key", "gen", "--out", tmp_path / "keys")
+    key = tmp_path / "keys" / PRIVATE_KEY_FILE
+    secret_lines = [ln for ln in key.read_text().splitlines() if "-----" not in ln]
+    short = tmp_path / "short"
+    short.write_text("s3cr3t\n")
+    spaced = tmp_path / "spaced"
+    spaced.write_text("token: abcdefgh ijklmnopqrstuvwxyz\n")
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\nsecretsecretsecret")
+    for wrong, why in ((key, "PEM key"), (short, "16 to 512 characters"),
+                       (spaced, "printable ASCII"), (binary, "not ASCII")):  # fmt: skip
+        for verb in ("status", "logs"):
+            line = fails(2, "device", verb, "https://127.0.0.1:9", "--token-file", wrong)
+            assert str(wrong) in line and why in line, line
+            assert "BEGIN" not in line and "s3cr3t" not in line and "secretsecret" not in line
+            assert not any(secret in line for secret in secret_lines)
+    line = fails(2, "device", "push", "https://127.0.0.1:9", tmp_path, "--token-file", key)
+    assert "PEM key" in line
+    line = fails(2, "device", "status", "https://127.0.0.1:9", "--token", "has a space s3cr3t")
+    assert "--token" in line and "s3cr3t" not in line
+
+
+def test_bad_workstation_input_is_one_line_never_exit_70(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a directory\n")
+    (tmp_path / "not-a-rev").mkdir()
+    bad_state = tmp_path / "bad-state"
+    bad_state.mkdir()
+    (bad_state / "state.json").write_bytes(b"\xff\xfe not utf-8")
+    assert "not a directory" in fails(2, "key", "gen", "--out", tmp_path / "a-file")
+    assert "no readable state.json" in fails(2, "state", "show", tmp_path / "not-a-rev", "--json")
+    fails(4, "state", "show", bad_state, "--json")
+    ok("key", "gen", "--out", tmp_path / "keys")
+    rev = tmp_path / "rev"
+    rev.mkdir()
+    (rev / "state.json").write_bytes(canonical.encode(minimal_state()))
+    assert "--keyset" in fails(2, "state", "sign", rev, "--key", tmp_path / "keys",
+                               "--keyset", tmp_path / "no-such-keyset")  # fmt: skip

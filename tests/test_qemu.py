@@ -22,7 +22,6 @@ stopped (context manager in the fixture), also when a check fails.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -31,7 +30,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,7 @@ from pvpy.store import ObjectStore, boot_env
 from pvpy.workstation.image import DEFAULT_SPEC, ImageBuild, build_board_revision, build_image
 from pvpy.workstation.image.modules import load_order
 from pvpy.workstation.qemu import Machine, ensure_qemu
+from tests import apiclient
 
 qemu = pytest.mark.qemu
 
@@ -147,23 +146,14 @@ class Guest:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"https://127.0.0.1:{self.port}"
 
     @property
     def token_file(self) -> Path:
         return self.image.out / "api-token"
 
     def api(self, path: str, method: str = "GET") -> Any:
-        token = self.token_file.read_text().strip()
-        req = urllib.request.Request(
-            self.url + path,
-            method=method,
-            data=b"" if method == "POST" else None,
-            headers={"Authorization": f"Bearer {token}"},
-        )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            data = resp.read()
-        return json.loads(data) if data.strip() else None
+        return apiclient.api(self.url, self.token_file, path, method)
 
     def settled(self, revision: int | None = None, timeout: float = BOOT_TIMEOUT) -> Any:
         """/v1/status once the guest runs ``revision`` (any: None) with all goals met
@@ -173,7 +163,7 @@ class Guest:
         while True:
             try:
                 status = self.api("/v1/status")
-            except (OSError, ValueError, http.client.HTTPException):
+            except PvpyError:
                 status = None
             if (
                 status

@@ -55,6 +55,7 @@ from pvpy.workstation.image import (
     write_rpi_manifest,
 )
 from pvpy.workstation.qemu import Machine, ensure_qemu, qemu_argv
+from tests import apiclient
 from tests.conftest import write_revision
 from tests.device import free_port
 
@@ -393,7 +394,6 @@ def booted(image: ImageBuild, tmp_path: Path) -> Iterator[tuple[Machine, int]]:
 @pytest.mark.timeout(900)
 def test_image_kernel_and_initrd_boot_pvpy(image: ImageBuild,
                                            booted: tuple[Machine, int]) -> None:  # fmt: skip
-    import urllib.request
 
     m, port = booted
     m.wait_for(r'"event": "modules loaded"', BOOT_TIMEOUT)
@@ -405,19 +405,12 @@ def test_image_kernel_and_initrd_boot_pvpy(image: ImageBuild,
     m.wait_for(r'"name": "hostos", "status": "STARTED"', BOOT_TIMEOUT)
     m.wait_for(r'"name": "web", "status": "READY"', BOOT_TIMEOUT)
     # The API through the DHCP-configured interface and the forwarded port.
-    token = (image.out / "api-token").read_text().strip()
+    credentials = image.out / "api-token"
     deadline = time.monotonic() + 120
     while True:
-        try:
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{port}/v1/status", headers={"Authorization": f"Bearer {token}"}
-            )
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                status = json.loads(resp.read())
-            if status["all_goals_met"]:
-                break
-        except OSError:
-            pass
+        status = apiclient.api_or_none(f"https://127.0.0.1:{port}", credentials, "/v1/status")
+        if status and status["all_goals_met"]:
+            break
         assert m.running() and time.monotonic() < deadline, "the API did not answer"
         time.sleep(1)
     assert status["pid"] == 1 and status["revision"] == 1  # pvpy init is PID 1
@@ -426,27 +419,16 @@ def test_image_kernel_and_initrd_boot_pvpy(image: ImageBuild,
     assert m.find(r"Traceback") is None, "a Python traceback on the console"
 
 
-def api(port: int, token: str, path: str, method: str = "GET") -> Any:
+def api(port: int, credentials: Path, path: str, method: str = "GET") -> Any:
     """The guest's API over the forwarded port (None while it does not answer)."""
-    import http.client
-    import urllib.request
-
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                 data=b"" if method == "POST" else None,
-                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            data = resp.read()
-    except (OSError, ValueError, http.client.HTTPException):
-        return None
-    return json.loads(data) if data.strip() else None
+    return apiclient.api_or_none(f"https://127.0.0.1:{port}", credentials, path, method)
 
 
-def settled(m: Machine, port: int, token: str, revision: int) -> Any:
+def settled(m: Machine, port: int, credentials: Path, revision: int) -> Any:
     """/v1/status once the guest runs ``revision`` with all goals met, nothing under way."""
     deadline = time.monotonic() + BOOT_TIMEOUT
     while True:
-        status = api(port, token, "/v1/status")
+        status = api(port, credentials, "/v1/status")
         if (status and status["all_goals_met"] and status["updating"] is None
                 and not status["pending"] and status["revision"] == revision):  # fmt: skip
             return status
@@ -477,7 +459,7 @@ def test_bsp_update_on_a_kernel_that_cannot_tryboot(image: ImageBuild, tmp_path:
     shutil.copy(image.out / "image.json", copy)
     disk = copy / image.disk.name
     subprocess.run(["cp", "--sparse=always", str(image.disk), str(disk)], check=True)
-    token = (image.out / "api-token").read_text().strip()
+    credentials = image.out / "api-token"
     assert image.key is not None
     note = _cpio(tmp_path / "note", {"pvpy-update-note": "revision 2\n"})
     new_initrd: dict[str, Any] = {}
@@ -491,12 +473,12 @@ def test_bsp_update_on_a_kernel_that_cannot_tryboot(image: ImageBuild, tmp_path:
     port = free_port()
     wait_for_other_qemu()
     with Machine(copy, port=port, log_path=tmp_path / "console.log") as m:
-        settled(m, port, token, 1)
+        settled(m, port, credentials, 1)
         m.wait_for(r'"device": "/dev/vda1", "target": "/run/pvpy-config".*"config partition '
                    r'mounted"', 5)  # fmt: skip
         mark = len(m.lines)
         push = subprocess.run(
-            [sys.executable, "-m", "pvpy", "device", "push", f"http://127.0.0.1:{port}", str(rev),
+            [sys.executable, "-m", "pvpy", "device", "push", f"https://127.0.0.1:{port}", str(rev),
              "--token-file", str(image.out / "api-token"), "--no-wait"],
             capture_output=True, text=True, timeout=900,
         )  # fmt: skip
@@ -511,13 +493,13 @@ def test_bsp_update_on_a_kernel_that_cannot_tryboot(image: ImageBuild, tmp_path:
         m.wait_for(
             r'"revision": 1, "trying": false, "failed_try": 2, "event": "boot choice"', 60, i
         )
-        status = settled(m, port, token, 1)
+        status = settled(m, port, credentials, 1)
         assert (status["committed"], status["try"]) == (1, None), status
-        record = api(port, token, "/v1/revisions/2")
+        record = api(port, credentials, "/v1/revisions/2")
         assert (record["status"], record["kind"]) == ("ERROR", "reboot"), record
         assert "the firmware did not try-boot" in record["reason"], record
         assert m.find(r"Traceback", mark) is None, "a Python traceback on the console"
-        assert api(port, token, "/v1/commands/poweroff", "POST") == {"command": "poweroff"}
+        assert api(port, credentials, "/v1/commands/poweroff", "POST") == {"command": "poweroff"}
         m.wait_for(r'"action": "poweroff", "event": "goodbye"', 120, i)
         deadline = time.monotonic() + 120
         while m.running() and time.monotonic() < deadline:

@@ -43,6 +43,8 @@ def device_run(args: argparse.Namespace) -> int:
         init_args.append("--api")
     if args.api_tcp:
         init_args += ["--api-tcp", args.api_tcp]
+        if args.api_plain_http:
+            init_args.append("--api-plain-http")
     if args.pull:
         init_args += ["--pull", args.pull, "--pull-interval", str(args.pull_interval)]
         if args.pull_plain_http:
@@ -73,6 +75,7 @@ def device_api(args: argparse.Namespace) -> int:
         token_file=Path(args.token_file) if args.token_file else None,
         limits=limits,
         tls=tls,
+        plain_http=args.plain_http,
     )
     return 0
 
@@ -103,14 +106,21 @@ def device_pull(args: argparse.Namespace) -> int:
 
 
 def device_verify_installed(args: argparse.Namespace) -> int:
-    """Used by PID 1 at boot, in a child process: the crypto never lives in PID 1."""
-    from pvpy.signing import TrustStore
+    """Used by PID 1 at boot and before applying an update, in a child process: the
+    crypto never lives in PID 1.
+
+    An installed revision is checked against the keys that were current when it
+    was installed (``pvpy.trustroot``: one installed before a key rotation stays
+    bootable, a rollback target; one at or after it needs the new keys), without
+    expiry (an installed revision must stay bootable whatever the clock says),
+    fleet binding or anti-rollback (all checked when it was installed).
+    """
     from pvpy.store import Storage
-    from pvpy.trust import load_trust, verify_revision
+    from pvpy.trust import verify_revision
+    from pvpy.trustroot import load_trust_root
 
     storage = Storage(Path(args.storage))
-    trust = load_trust(storage.root)
-    assert isinstance(trust, TrustStore)
+    trust = load_trust_root(storage.root).keys_for_installed(args.revision)
     state, signature = storage.read_trail(args.revision)
     verify_revision(state, signature, trust, objects=storage.objects, check_expiry=False)
     return 0

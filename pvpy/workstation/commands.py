@@ -36,7 +36,13 @@ def _say(line: str) -> None:
 def key_gen(args: argparse.Namespace) -> int:
     from pvpy.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, generate_key
 
-    key = generate_key(Path(args.out))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: not a directory (the key pair goes into one)")
+    try:
+        key = generate_key(out)
+    except OSError as e:
+        raise UsageError(f"--out {out}: {e.strerror}") from e
     print(f"key id   {key.keyid}")
     print(f"private  {Path(args.out) / PRIVATE_KEY_FILE}  (keep it secret, off the device)")
     print(f"public   {Path(args.out) / PUBLIC_KEY_FILE}  (give it to devices: --trust)")
@@ -99,7 +105,10 @@ def state_sign(args: argparse.Namespace) -> int:
     keys = [load_signing_key(Path(k)) for k in args.key]
     write_atomic(out / SIGNATURE_FILE, sign_state(data, keys))
     if args.keyset:
-        ks = Path(args.keyset).read_bytes()
+        try:
+            ks = Path(args.keyset).read_bytes()
+        except OSError as e:
+            raise UsageError(f"--keyset {args.keyset}: {e.strerror}") from e
         parse_keyset_unverified(ks)
         write_atomic(out / KEYSET_FILE, ks)
     ids = ", ".join(k.keyid[:16] for k in keys)
@@ -134,7 +143,13 @@ def state_show(args: argparse.Namespace) -> int:
 
     state_bytes = Path(args.dir) / STATE_FILE
     if args.json:
-        sys.stdout.write(state_bytes.read_text() + "\n")
+        # The state as stored, after the same parse as without --json (unverified).
+        try:
+            raw = state_bytes.read_bytes()
+        except OSError as e:
+            raise UsageError(f"{args.dir}: no readable {STATE_FILE} ({e.strerror})") from e
+        parse_unverified(raw)
+        sys.stdout.write(raw.decode() + "\n")
         return 0
     try:
         data, sig, _ = read_revision_dir(Path(args.dir))
@@ -198,22 +213,30 @@ def device_provision(args: argparse.Namespace) -> int:
 
     rev = provision(Path(args.storage), Path(args.state), [Path(p) for p in args.trust])
     print(f"provisioned revision {rev} into {args.storage}")
-    print(f"API token  {Path(args.storage) / API_TOKEN} (for --api-tcp clients)")
+    print(f"API credentials  {Path(args.storage) / API_TOKEN} (token and certificate pin: "
+          "--token-file FILE https://HOST:PORT)")  # fmt: skip
     print(f"next: pvpy device run --storage {args.storage}")
     return 0
 
 
 def _remote(args: argparse.Namespace, timeout: float = 30.0) -> Device:
-    """The device at args.url; the token from --token, --token-file or $PVPY_API_TOKEN."""
+    """The device at args.url; the token from --token, --token-file (with the pin of the
+    device's certificate) or $PVPY_API_TOKEN, checked before use (exit 2)."""
+    from pvpy.api_credentials import check_token, read_credentials
     from pvpy.workstation.remote import Device
 
-    token = args.token or os.environ.get("PVPY_API_TOKEN")
+    pin = None
     if args.token_file:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as e:
-            raise UsageError(f"--token-file {args.token_file}: {e.strerror}") from e
-    return Device(args.url, token, timeout=timeout, cacert=args.cacert)
+        credentials = read_credentials(Path(args.token_file))  # errors never show its contents
+        token: str | None = credentials.token
+        pin = credentials.tls_sha256
+    elif args.token:
+        token = check_token(args.token.strip(), "--token")
+    elif os.environ.get("PVPY_API_TOKEN"):
+        token = check_token(os.environ["PVPY_API_TOKEN"].strip(), "$PVPY_API_TOKEN")
+    else:
+        token = None
+    return Device(args.url, token, timeout=timeout, cacert=args.cacert, pin_sha256=pin)
 
 
 def device_status(args: argparse.Namespace) -> int:

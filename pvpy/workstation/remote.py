@@ -1,7 +1,9 @@
 """The workstation side of the device API (``pvpy.device.api``): push, status, logs.
 
-A device URL is ``http://HOST:PORT`` or ``https://HOST:PORT`` (TCP: a bearer
-token is needed; ``cacert`` pins the device certificate) or
+A device URL is ``https://HOST:PORT`` (TCP: a bearer token is needed; the
+device's self-signed certificate is trusted by the sha256 pinned in its
+credentials file, ``pvpy.api_credentials``, or by ``cacert``),
+``http://HOST:PORT`` (a device serving ``--plain-http``) or
 ``unix:/path/to/api.sock`` (on the device itself, as root: no token).
 
 ``push`` sends a signed revision directory: it asks the device which objects it
@@ -20,6 +22,7 @@ import base64
 import http.client
 import json
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -61,12 +64,15 @@ class Device:
     a connection after most errors anyway)."""
 
     def __init__(
-        self, url: str, token: str | None = None, timeout: float = 30.0, cacert: str | None = None
-    ) -> None:
+        self, url: str, token: str | None = None, timeout: float = 30.0, cacert: str | None = None,
+        pin_sha256: str | None = None,
+    ) -> None:  # fmt: skip
+        """``pin_sha256``: the device certificate's sha256 (from its credentials file)."""
         self.url = url
         self.token = token
         self.timeout = timeout
         self.cacert = cacert
+        self.pin_sha256 = pin_sha256
         parts = urlsplit(url)
         if parts.scheme == "unix":
             self.unix_path: str | None = parts.path or parts.netloc
@@ -85,13 +91,18 @@ class Device:
             self.prefix = parts.path.rstrip("/")
         else:
             raise UsageError(f"{url}: the device URL must be http(s)://HOST:PORT or unix:/path")
-        if cacert and not getattr(self, "tls", False):
+        if cacert and not self.tls:
             raise UsageError("--cacert is for https:// URLs")
+        if pin_sha256 and self.unix_path is None and not self.tls:
+            # the device speaks TLS: plain HTTP would hand the token to anyone on the way
+            raise UsageError(f"{url}: the token file pins a TLS certificate: use "
+                             f"https://{parts.netloc}")  # fmt: skip
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if self.unix_path is not None:
             return _UnixConnection(self.unix_path, timeout)
-        return http_connection(self.host, self.port, self.tls, self.cacert, timeout)
+        return http_connection(self.host, self.port, self.tls, self.cacert, timeout,
+                               self.pin_sha256)  # fmt: skip
 
     def open(
         self,
@@ -110,6 +121,12 @@ class Device:
         try:
             conn.request(method, self.prefix + path, body=body, headers=all_headers)
             response = conn.getresponse()
+        except ssl.SSLCertVerificationError as e:
+            conn.close()
+            hint = "" if self.pin_sha256 or self.cacert else (
+                "; give its credentials file (--token-file) or --cacert")  # fmt: skip
+            raise RemoteError(f"{self.url}: not the device's certificate "
+                              f"({e}){hint}", 0, "auth") from e  # fmt: skip
         except (OSError, http.client.HTTPException) as e:
             conn.close()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or "timeout"

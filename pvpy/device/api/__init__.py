@@ -35,9 +35,14 @@ a flood on TCP never locks out the local admin; the next client gets a quick
 ``head_timeout``; bodies need a Content-Length within their limit (state 16 MiB,
 objects their signed size or ``max_object``) and must keep a minimum rate.
 
-TLS: with a device certificate (STORAGE/``paths.API_CERT`` and ``paths.API_KEY``,
-or ``--tls-cert/--tls-key``) the TCP listener speaks TLS 1.2+ only; the handshake
-runs in the connection's thread under the head deadline.
+TCP connections prove their token before they take a slot: until their first
+request head arrives they wait in one gate thread (``_gate``), a few seconds at
+most, a bound of their own, so slowloris peers without the token lock nobody out.
+
+TLS: the TCP listener speaks TLS 1.2+ only, with the device certificate
+(STORAGE/``paths.API_CERT`` and ``paths.API_KEY``, made when missing, or
+``--tls-cert/--tls-key``); plain HTTP only with ``plain_http``. Clients pin the
+certificate by the sha256 in the credentials file (``pvpy.api_credentials``).
 
 Errors are ``{"error": "<one line>", "kind": "..."}``; every pvpy error maps to
 a status in ``pvpy.errors.ERRORS`` and nowhere else.
@@ -52,6 +57,7 @@ Modules, one concept each (private: this package exports what is below)::
     _token       the TCP bearer token
     _logs        container log files: tail and follow
     _listeners   unix and TCP (TLS) listeners: bounded connections, deadlines
+    _gate        TCP connections until their token is shown: handshake, first head
     _serve       the process: listeners up, SIGTERM, replies let out
 """
 

@@ -95,7 +95,7 @@ def get_revisions(h: Handler) -> None:
 
 
 def get_revision(h: Handler, rev: str) -> None:
-    if not DIGITS.match(rev):
+    if not DIGITS.fullmatch(rev):
         raise ApiError(400, "revision must be a non-negative integer")
     record = h.api.revision_record(int(rev), set(h.api.storage.revisions()))
     if record is None:
@@ -182,7 +182,7 @@ def get_containers(h: Handler) -> None:
 
 
 def post_restart(h: Handler, name: str) -> None:
-    if not CONTAINER_NAME.match(name):
+    if not CONTAINER_NAME.fullmatch(name):
         raise ApiError(400, "not a container name")
     if name not in {c.get("name") for c in h.api.containers()}:
         raise ApiError(404, f"no container {name!r}")
@@ -207,7 +207,7 @@ def get_logs(h: Handler) -> None:
 
 
 def get_log(h: Handler, name: str) -> None:
-    if not CONTAINER_NAME.match(name):
+    if not CONTAINER_NAME.fullmatch(name):
         raise ApiError(400, "not a container name")
     _serve_logs(h, name)
 
@@ -236,7 +236,7 @@ def _serve_logs(h: Handler, name: str | None) -> None:
 Endpoint = Callable[..., None]
 
 ROUTES: tuple[tuple[str, re.Pattern[str], Endpoint], ...] = tuple(
-    (method, re.compile(f"^{pattern}$"), endpoint)
+    (method, re.compile(pattern), endpoint)  # matched with fullmatch
     for method, pattern, endpoint in (
         ("GET", "/v1/status", get_status),
         ("GET", "/v1/revisions", get_revisions),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import io
 import json
 import select
 import socket
@@ -66,6 +67,29 @@ class _Body:
         return data
 
 
+class _Prefixed(io.RawIOBase):
+    """A connection's bytes: those read already, then the rest from the socket."""
+
+    def __init__(self, prefix: bytes, raw: socket.SocketIO) -> None:
+        self.prefix = memoryview(prefix)
+        self.raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        if self.prefix:
+            n = min(len(buffer), len(self.prefix))
+            buffer[:n] = self.prefix[:n]
+            self.prefix = self.prefix[n:]
+            return n
+        return self.raw.readinto(buffer)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -84,6 +108,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        prefix = self.listener.take_prefix(self.connection)
+        if prefix:  # the gate read the first request head (to check its token): read it again
+            self.rfile.close()
+            raw = socket.SocketIO(self.connection, "rb")
+            self.rfile = io.BufferedReader(_Prefixed(prefix, raw))
         # The longest silence allowed on any read or write of this connection.
         self.connection.settimeout(self.api.limits.client_timeout)
         self.responded = False
@@ -251,13 +280,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self) -> None:
         self.listener.set_deadline(self.connection, None)
-        raw = self.headers.get("Content-Length") or "0"
+        lengths = self.headers.get_all("Content-Length") or []
+        raw = lengths[0] if lengths else "0"
         self.body = None
         # Unknown length (chunked, garbage): an unread body can only be dropped by closing.
-        self.body_left = int(raw) if DIGITS.match(raw) else 1 << 62
+        self.body_left = int(raw) if DIGITS.fullmatch(raw) else 1 << 62
         if "Transfer-Encoding" in self.headers:
             self.body_left = 1 << 62
         try:
+            if len(lengths) > 1 or not DIGITS.fullmatch(raw):
+                # Where this request ends is a guess, and the next one would start
+                # there (request smuggling): refuse it and close (RFC 9112 6.3).
+                self.close_connection = True
+                raise ApiError(400, "bad Content-Length: one decimal length at most")
             self.route()
         except ApiError as e:
             self.fail(e.status, e.reason, e.kind, **e.extra)
@@ -292,7 +327,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         path = parts.path
         allowed: list[str] = []
         for method, pattern, endpoint in ROUTES:
-            match = pattern.match(path)
+            match = pattern.fullmatch(path)
             if match is None:
                 continue
             allowed.append(method)
@@ -322,9 +357,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         values = self.headers.get_all("Content-Length") or []
         if not values:
             raise ApiError(411, "Content-Length required")
-        if len(set(values)) != 1 or not DIGITS.match(values[0]):
-            raise ApiError(400, "bad Content-Length")
-        length = int(values[0])
+        length = int(values[0])  # one decimal value: checked by dispatch
         if length > limit:
             raise ApiError(413, f"body of {length} bytes is over the limit of {limit} bytes")
         return length
@@ -367,7 +400,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         raw = self.query.get(name)
         if raw is None:
             return default
-        if not DIGITS.match(raw) or not low <= int(raw) <= high:
+        if not DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
             raise ApiError(400, f"{name} must be an integer from {low} to {high}")
         return int(raw)
 

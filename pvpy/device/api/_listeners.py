@@ -2,9 +2,12 @@
 its own bounded set of connections and deadlines.
 
 The unix socket has its own bound, so a flood on TCP never locks out the local
-admin; a client over the bound gets a quick 503. A request head must arrive
-within ``head_timeout``; a body must keep ``min_rate`` (see ``Handler.body_stream``).
-TLS (1.2+) runs in the connection's thread under the head deadline.
+admin; a client over the bound gets a quick 503. On TCP a connection takes a
+slot only once its first request head carried the token: until then it waits
+in the gate (``_gate``: one thread for all, TLS handshake included, a short
+deadline and a small bound of its own), so unauthenticated peers cannot hold
+the slots. A request head must arrive within ``head_timeout``; a body must keep
+``min_rate`` (see ``Handler.body_stream``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pvpy.device.api._endpoints import Api
+from pvpy.device.api._gate import Gate
 from pvpy.device.api._handler import Handler
 from pvpy.device.api._limits import DIGITS
 from pvpy.errors import DeviceError, UsageError
@@ -56,21 +60,37 @@ class Listener(socketserver.ThreadingMixIn):
         self.followers = 0
         self.guard = threading.Lock()
         self.deadlines: dict[socket.socket, float | None] = {}
+        # What the gate read of a connection's first request (see Handler.setup).
+        self.prefixes: dict[socket.socket, bytes] = {}
+        # TCP: a connection shows its token before it takes a slot (slowloris, see _gate).
+        self.gate = Gate(self, tls) if needs_token else None
         threading.Thread(target=self._janitor, name=f"janitor-{name}", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        if self.gate is not None:
+            self.gate.admit(request, client_address)
+        else:
+            self.take_slot(request, client_address)
+
+    def take_slot(self, request: Any, client_address: Any, prefix: bytes | None = None) -> None:
+        """Serve a connection in a thread of its own if a slot is free, else 503.
+
+        ``prefix``: the bytes of it the gate has read already."""
         with self.guard:
             busy = self.active >= self.api.limits.max_connections
             if not busy:
                 self.active += 1
                 self.deadlines[request] = None
+                if prefix:
+                    self.prefixes[request] = prefix
             elif self.refusing < self.api.limits.max_connections * 2:
                 self.refusing += 1
             else:
                 request.close()  # beyond even refusing politely: drop it
                 return
         if busy:
-            threading.Thread(target=self._refuse, args=(request,), daemon=True).start()
+            threading.Thread(target=self._refuse, args=(request, prefix is None),
+                             daemon=True).start()  # fmt: skip
             return
         try:
             super().process_request(request, client_address)
@@ -79,55 +99,30 @@ class Listener(socketserver.ThreadingMixIn):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        conn = request
         try:
-            if self.tls is not None:
-                conn = self._handshake(request)
-            super().process_request_thread(conn, client_address)
-        except (OSError, ssl.SSLError) as e:  # only the handshake gets here
-            log.info("tls handshake failed", client=str(client_address), error=str(e))
-            with contextlib.suppress(OSError):
-                conn.close()
+            super().process_request_thread(request, client_address)
         finally:
-            self._release(request, conn)
+            self._release(request)
 
-    def _handshake(self, request: socket.socket) -> ssl.SSLSocket:
-        """TLS in the connection's own thread (in the accept loop a slow client would
-        stall every other one), under the head deadline."""
-        assert self.tls is not None
-        request.settimeout(self.api.limits.client_timeout)
-        conn = self.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+    def take_prefix(self, conn: socket.socket) -> bytes:
         with self.guard:
-            self.deadlines.pop(request, None)
-            self.deadlines[conn] = time.monotonic() + self.api.limits.head_timeout
-        try:
-            conn.do_handshake()
-        except BaseException:  # closed whatever went wrong, then re-raised
-            with self.guard:
-                self.deadlines.pop(conn, None)
-            conn.close()  # wrap_socket detached ``request``: this is the one to close
-            raise
-        return conn
+            return self.prefixes.pop(conn, b"")
 
-    def _release(self, request: Any, conn: Any = None) -> None:
+    def _release(self, request: Any) -> None:
         with self.guard:
             self.active -= 1
             self.deadlines.pop(request, None)
-            self.deadlines.pop(conn, None)
+            self.prefixes.pop(request, None)
 
-    def _refuse(self, request: socket.socket) -> None:
+    def _refuse(self, request: socket.socket, read_head: bool) -> None:
         """Answer 503 to a client over the limit, after reading its request head
-        (closing on unread bytes would reset the connection before it reads us)."""
+        (closing on unread bytes would reset the connection before it reads us);
+        the gate has read a TCP client's head already."""
         try:
             request.settimeout(1.0)
-            if self.tls is not None:  # a TLS client would take plain text for an attack
-                try:
-                    request = self.tls.wrap_socket(request, server_side=True)
-                except (OSError, ssl.SSLError):
-                    return
             head = b""
             with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in head and len(head) < 16384:
+                while read_head and b"\r\n\r\n" not in head and len(head) < 16384:
                     chunk = request.recv(4096)
                     if not chunk:
                         break
@@ -139,7 +134,8 @@ class Listener(socketserver.ThreadingMixIn):
                     b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
                     % (len(body), body)
                 )
-                request.shutdown(socket.SHUT_WR)
+                if not isinstance(request, ssl.SSLSocket):
+                    request.shutdown(socket.SHUT_WR)
         finally:
             request.close()
             with self.guard:
@@ -194,7 +190,7 @@ class UnixListener(Listener, socketserver.UnixStreamServer):
 def parse_hostport(text: str) -> tuple[str, int]:
     """ "HOST:PORT" or "[V6]:PORT". Raises UsageError."""
     host, sep, port = text.rpartition(":")
-    if not sep or not DIGITS.match(port) or not 0 < int(port) < 65536:
+    if not sep or not DIGITS.fullmatch(port) or not 0 < int(port) < 65536:
         raise UsageError(f"--tcp must be HOST:PORT, not {text!r}")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     return host or "0.0.0.0", int(port)

@@ -80,7 +80,7 @@ class LogFiles:
         except OSError:
             return []
         found = (e[: -len(".log")] for e in entries if e.endswith(".log"))
-        return sorted(n for n in found if CONTAINER_NAME.match(n))
+        return sorted(n for n in found if CONTAINER_NAME.fullmatch(n))
 
     def _tail_of(self, name: str, lines: int) -> bytes:
         if lines == 0:

@@ -15,7 +15,7 @@ from pvpy.device.api._endpoints import Api
 from pvpy.device.api._limits import Limits
 from pvpy.device.api._listeners import TcpListener, UnixListener, open_tcp, open_unix, tls_context
 from pvpy.device.api._token import Token
-from pvpy.errors import DeviceError
+from pvpy.errors import DeviceError, PvpyError
 from pvpy.log import get_logger
 from pvpy.store import Storage
 
@@ -31,17 +31,21 @@ def serve(
     token_file: Path | None = None,
     limits: Limits | None = None,
     tls: tuple[Path, Path] | None = None,
+    plain_http: bool = False,
 ) -> NoReturn:
     """Run the API until SIGTERM/SIGINT (PID 1 stops it with SIGTERM before a reboot).
 
-    TCP speaks TLS with ``tls`` (certificate, key), or when the storage holds
-    ``paths.API_CERT`` and ``paths.API_KEY`` (so PID 1 needs no option for it).
-    Raises UsageError or DeviceError before serving when a listener cannot be opened.
+    TCP speaks TLS: with ``tls`` (certificate, key), else with the storage's
+    ``paths.API_CERT`` and ``paths.API_KEY``, made here when the device has none
+    (provisioned before TLS; so PID 1 needs no option for it). Plain HTTP only
+    with ``plain_http``. Raises UsageError or DeviceError before serving when a
+    listener cannot be opened.
     """
     store = Storage(Path(storage))
-    cert, key = store.root / paths.API_CERT, store.root / paths.API_KEY
-    if tls is None and cert.is_file() and key.is_file():
-        tls = (cert, key)
+    if tcp and tls is None and not plain_http:
+        tls = _device_tls(store.root)
+        if tls is None:
+            tcp = None  # no TLS, no TCP: the local admin keeps the unix socket
     context = tls_context(*tls) if tcp and tls else None
     token = Token((token_file or store.root / paths.API_TOKEN) if tcp else None)
     api = Api(store, Path(run_dir), token, limits or Limits())
@@ -76,3 +80,22 @@ def serve(
         time.sleep(0.05)
     # Uploads in flight die with us; their temp files are cleaned before the next staging.
     os._exit(0)
+
+
+def _device_tls(root: Path) -> tuple[Path, Path] | None:
+    """The storage's certificate and key, made if missing; the credentials file
+    (when it is the storage's) gains the certificate's pin. None when they cannot be
+    made: TCP is then not served at all (never plain HTTP by accident)."""
+    from pvpy.provision import make_api_credentials, make_api_tls
+
+    try:
+        make_api_tls(root)
+    except PvpyError as e:
+        log.error("api: no TLS certificate and none can be made: TCP not served", error=str(e))
+        return None
+    if (root / paths.API_TOKEN).exists():
+        try:
+            make_api_credentials(root)
+        except PvpyError as e:  # the token file stays as it is; clients may pin by --cacert
+            log.warning("api: cannot add the certificate pin to the token file", error=str(e))
+    return root / paths.API_CERT, root / paths.API_KEY

@@ -1,4 +1,4 @@
-"""The TCP listener's bearer token (STORAGE/``paths.API_TOKEN``)."""
+"""The TCP listener's bearer token (STORAGE/``paths.API_TOKEN``: ``pvpy.api_credentials``)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import os
 import threading
 from pathlib import Path
 
+from pvpy.api_credentials import MAX_FILE, parse_credentials
+from pvpy.errors import UsageError
 from pvpy.log import get_logger
 
 log = get_logger("api")
-
-MIN_TOKEN = 16  # characters: a shorter token is guessable, refuse to serve TCP with it
 
 
 class Token:
@@ -51,14 +51,18 @@ class Token:
             log.error("api token file is readable by others: TCP clients are refused",
                       path=str(self.path), mode=oct(stamp[3] & 0o777))  # fmt: skip
             return None
+        assert self.path is not None
         try:
-            assert self.path is not None
-            value = self.path.read_bytes().strip()
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_FILE + 1)
         except OSError as e:
             log.error("api token unreadable: TCP clients are refused", error=str(e))
             return None
-        if len(value) < MIN_TOKEN or not all(0x21 <= b < 0x7F for b in value):
-            log.error("api token must be 16+ printable characters: TCP clients are refused")
+        try:
+            # a token-only file, or token + certificate pin; short or odd tokens refused
+            value = parse_credentials(data, str(self.path)).token.encode()
+        except UsageError as e:  # says what is wrong, never what the file holds
+            log.error("api token refused: TCP clients are refused", error=str(e))
             return None
         log.info("api token loaded", path=str(self.path))
         return value

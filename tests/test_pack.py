@@ -703,7 +703,8 @@ def test_build_fills_run_config_from_an_oci_image(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")
-    make_oci(tmp_path / "images" / "web", [gz(LAYER1), gz(LAYER2)], CONFIG, tags=("1.0", "2.0"))
+    config = {**CONFIG, "StopSignal": "SIGRTMIN+3"}
+    make_oci(tmp_path / "images" / "web", [gz(LAYER1), gz(LAYER2)], config, tags=("1.0", "2.0"))
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         "revision: 1\n"
@@ -711,6 +712,9 @@ def test_build_fills_run_config_from_an_oci_image(
         "  web:\n"
         "    rootfs: {oci: images/web, tag: '2.0', compression: xz}\n"
         "    env: {OPTS: mine}\n"
+        "  own:\n"
+        "    rootfs: {oci: images/web, tag: '2.0', compression: xz}\n"
+        "    stop_signal: INT\n"
     )
     build(spec, tmp_path / "rev")
     web = json.loads((tmp_path / "rev" / "state.json").read_text())["containers"]["web"]
@@ -718,6 +722,9 @@ def test_build_fills_run_config_from_an_oci_image(
     assert web["env"] == {"PATH": "/usr/bin:/bin", "OPTS": "mine"}  # the spec wins
     assert web["cwd"] == "/srv"
     assert web["user"] == {"uid": 1000, "gid": 100}
+    assert web["stop_signal"] == "RTMIN+3"  # the image's StopSignal, in the state's names
+    own = json.loads((tmp_path / "rev" / "state.json").read_text())["containers"]["own"]
+    assert own["stop_signal"] == "INT"  # the spec wins
 
 
 def test_build_typo_fails_before_packing(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from pvpy import _run
 from pvpy.device.confinement import default_seccomp
-from pvpy.device.runtime import Paths, Runtime, oci_config
+from pvpy.device.runtime import Paths, Runtime, oci_config, signal_argument
 from pvpy.state.model import Container
 
 
@@ -44,7 +44,12 @@ def _container(**fields: object) -> Container:
 
 def _config(c: Container, tmp_path: Path) -> dict[str, Any]:
     return oci_config(
-        c, rootfs=tmp_path, volumes={}, control_dir=tmp_path / "ctl", cgroups_path="pvpy/c"
+        c,
+        rootfs=tmp_path,
+        volumes={},
+        control_dir=tmp_path / "ctl",
+        cgroups_path="pvpy/c",
+        manager_file=tmp_path / "manager",
     )
 
 
@@ -114,3 +119,36 @@ def test_readiness_exec_has_no_new_privileges(
     runtime = Runtime(Paths(storage=tmp_path / "storage", run=tmp_path / "run"), "crun")
     argv = runtime.exec_argv(_container(), ["true"])
     assert argv[argv.index("exec") :] == ["exec", "--no-new-privs", "c", "true"]
+
+
+def test_real_time_stop_signals_go_to_the_runtime_as_numbers() -> None:
+    assert signal_argument("RTMIN+3") == "37"  # systemd's halt
+    assert signal_argument("RTMIN+0") == "34"
+    assert signal_argument("RTMIN+30") == "64"
+    assert signal_argument("TERM") == "TERM"
+
+
+def test_every_container_is_told_who_runs_it(tmp_path: Path) -> None:
+    """systemd.io/CONTAINER_INTERFACE: container= (a manifest cannot say otherwise) and
+    /run/systemd/container, for apps and the host OS alike."""
+    for c in (_container(env={"container": "docker"}), _container(role="host-os")):
+        config = _config(c, tmp_path)
+        env = config["process"]["env"]
+        assert [e for e in env if e.startswith("container=")] == ["container=pvpy"]
+        marker = next(m for m in config["mounts"] if m["destination"] == "/run/systemd/container")
+        assert marker["source"] == str(tmp_path / "manager")
+        run = next(m for m in config["mounts"] if m["destination"] == "/run")
+        assert run["type"] == "tmpfs"
+
+
+def test_the_host_os_gets_its_own_cgroup_namespace_and_mount(tmp_path: Path) -> None:
+    host = _config(_container(role="host-os"), tmp_path)
+    assert {"type": "cgroup"} in host["linux"]["namespaces"]
+    destinations = [m["destination"] for m in host["mounts"]]
+    # after /sys, so it covers the cgroup mounts the rbind of PID 1's /sys brings
+    assert destinations.index("/sys/fs/cgroup") > destinations.index("/sys")
+    cgroup = host["mounts"][destinations.index("/sys/fs/cgroup")]
+    assert cgroup["type"] == "cgroup" and "rw" in cgroup["options"]
+    # a manifest that already asks for it gets it once
+    twice = _config(_container(role="host-os", namespaces=["pid", "cgroup"]), tmp_path)
+    assert twice["linux"]["namespaces"].count({"type": "cgroup"}) == 1

@@ -380,3 +380,25 @@ def test_opted_in_host_access_validates_and_round_trips() -> None:
     assert app.devices[0].access == "rw" and app.seccomp == "unconfined"
     validate(state.to_dict())
     assert State.from_dict(state.to_dict()) == state
+
+
+@pytest.mark.parametrize("name", ["TERM", "WINCH", "KILL", "RTMIN+0", "RTMIN+3", "RTMIN+30"])
+def test_stop_signal_accepts_real_time_signals(name: str) -> None:
+    validate(mutate(["containers", "web", "stop_signal"], name))
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "RTMIN+31", "RTMIN+03", "RTMIN+", "RTMIN-1", "STOP"])
+def test_stop_signal_refuses_what_no_runtime_sends(name: str) -> None:
+    with pytest.raises(ManifestError, match=r"^\$\.containers\.web\.stop_signal: "):
+        validate(mutate(["containers", "web", "stop_signal"], name))
+
+
+@pytest.mark.parametrize(
+    ("image", "state"),
+    [("SIGRTMIN+3", "RTMIN+3"), ("SIGQUIT", "QUIT"), ("37", "RTMIN+3"), ("3", "QUIT"),
+     ("SIGRTMIN", "RTMIN+0"), ("SIGRTMAX-2", "RTMIN+28"), ("winch", "WINCH"), ("", None)],
+)  # fmt: skip
+def test_an_images_stop_signal_is_named_as_a_state_names_it(image: str, state: str | None) -> None:
+    from pvpy.workstation.pack import _stop_signal_name
+
+    assert _stop_signal_name(image, "config") == state

@@ -16,9 +16,11 @@ For each container of a revision:
 
 The host OS container is privileged in the init user namespace: every
 capability this kernel lets us hold, host /dev, /sys read-write, no masked
-paths. App containers get their own namespaces, the capabilities and cgroup
-limits of their manifest (Podman's capability set by default), masked /proc
-paths, no new privileges, a read-only /sys unless ``privileges.sys`` says rw,
+paths, but its own cgroup namespace and cgroup mount at /sys/fs/cgroup. Every
+container gets systemd's container interface: ``container=pvpy``,
+/run/systemd/container, /run a tmpfs. App containers get their own namespaces,
+the capabilities and cgroup limits of their manifest (Podman's capability set by
+default), masked /proc paths, no new privileges, a read-only /sys unless ``privileges.sys`` says rw,
 a devices cgroup allow-list and containers-common's default seccomp profile
 (``pvpy.device.confinement``); their readiness checks run with no new
 privileges too.
@@ -37,7 +39,7 @@ from pvpy._record import Record
 from pvpy.device import _linux, confinement
 from pvpy.errors import CommandError, ContainerError
 from pvpy.log import get_logger
-from pvpy.state.model import SECCOMP_DEFAULT, Container, Volume
+from pvpy.state.model import GLIBC_SIGRTMIN, SECCOMP_DEFAULT, Container, Volume
 from pvpy.store import remove_tree
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
@@ -48,6 +50,9 @@ log = get_logger("runtime")
 
 RUNTIMES = ("crun", "runc")
 CONTROL_DIR_IN_CONTAINER = "/run/pvpy"
+# `container=` and /run/systemd/container name who runs the container: systemd's
+# container interface (systemd.io/CONTAINER_INTERFACE)
+CONTAINER_MANAGER = "pvpy"
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # capability(7) numbers, for reading CapBnd.
@@ -117,6 +122,16 @@ class Paths(Record):
         return self.storage / "logs" / f"{name}.log"
 
 
+def signal_argument(name: str) -> str:
+    """``name`` (a state's stop_signal: ``TERM``, ``RTMIN+3``...) as `crun kill` and
+    `runc kill` take it. Real-time signals go as numbers, which both read: crun's signal
+    table names RTMIN+N only up to +15 (the rest RTMAX-N) and reads a name it lacks
+    with strtol, as signal 0."""
+    if name.startswith("RTMIN+"):
+        return str(GLIBC_SIGRTMIN + int(name[len("RTMIN+") :]))
+    return name
+
+
 def _cpu_shares(weight: int) -> int:
     # cgroup v2 cpu.weight (1..10000) to v1 cpu.shares (2..262144), as runc maps it.
     return 2 + ((weight - 1) * 262142) // 9999
@@ -129,8 +144,10 @@ def oci_config(
     volumes: dict[str, Path],
     control_dir: Path,
     cgroups_path: str,
+    manager_file: Path,
 ) -> dict[str, Any]:
-    """The OCI runtime-spec config.json of container ``c``."""
+    """The OCI runtime-spec config.json of container ``c``. ``manager_file`` holds
+    ``CONTAINER_MANAGER`` and becomes the container's /run/systemd/container."""
     host = c.is_host_os
     available = bounding_capabilities()
     wanted = available if host and not c.capabilities else list(c.capabilities)
@@ -140,12 +157,15 @@ def oci_config(
         log.info("capabilities unavailable on this kernel", container=c.name, dropped=dropped)
     env = [
         DEFAULT_PATH_ENV,
+        # systemd's container interface: without it systemd as a container's init takes
+        # itself for a machine's (waits for the kernel's console, mounts over cgroups)
+        f"container={CONTAINER_MANAGER}",
         f"HOSTNAME={c.hostname}",
         f"PVPY_CONTAINER={c.name}",
         # `echo READY=1 > $PVPY_NOTIFY` marks the container READY (readiness: notify)
         f"PVPY_NOTIFY={CONTROL_DIR_IN_CONTAINER}/notify",
     ]
-    env += [f"{k}={v}" for k, v in c.env if k not in ("PATH",)]
+    env += [f"{k}={v}" for k, v in c.env if k not in ("PATH", "container")]
     env += [f"PATH={v}" for k, v in c.env if k == "PATH"]
 
     mounts: list[dict[str, Any]] = [
@@ -157,6 +177,11 @@ def oci_config(
             {"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "rw"]},
             {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "nodev", "mode=755"]},
+            # In its own cgroup namespace, a cgroup mount shows the host OS its own subtree
+            # only, over PID 1's (which the rbind above brought): what systemd creates in
+            # or remounts there stays out of the hierarchies PID 1 and the apps run in.
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "rw"]},
         ]  # fmt: skip
     else:
         mounts += [
@@ -173,6 +198,10 @@ def oci_config(
             {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "nodev", "mode=755"]},
         ]  # fmt: skip
+    mounts.append(
+        {"destination": "/run/systemd/container", "type": "bind", "source": str(manager_file),
+         "options": ["bind", "rw"]}  # rw: systemd writes it again at boot
+    )  # fmt: skip
     mounts.append(
         {"destination": CONTROL_DIR_IN_CONTAINER, "type": "bind", "source": str(control_dir),
          "options": ["bind", "rw"]}
@@ -191,7 +220,10 @@ def oci_config(
             entry["options"] = options
         mounts.append(entry)
 
-    namespaces = [{"type": "mount"}] + [{"type": ns} for ns in c.namespaces]
+    own_namespaces = list(c.namespaces)
+    if host and "cgroup" not in own_namespaces:
+        own_namespaces.append("cgroup")  # for its own cgroup mount, above
+    namespaces = [{"type": "mount"}] + [{"type": ns} for ns in own_namespaces]
     if c.network == "isolated":
         namespaces.append({"type": "network"})
 
@@ -341,12 +373,15 @@ class Runtime:
             volumes = {v.name: self._volume_dir(c, v, revision) for v in c.volumes}
             control = self.paths.control_dir(c.name)
             control.mkdir(parents=True, exist_ok=True)
+            manager_file = bundle / "systemd-container"
+            manager_file.write_text(CONTAINER_MANAGER + "\n")
             config = oci_config(
                 c,
                 rootfs=rootfs,
                 volumes=volumes,
                 control_dir=control,
                 cgroups_path=f"{self.cgroup_parent}/{c.name}",
+                manager_file=manager_file,
             )
             (bundle / "config.json").write_text(json.dumps(config, indent=1))
         except BaseException:
@@ -405,7 +440,7 @@ class Runtime:
 
     def kill(self, name: str, signal_name: str = "TERM") -> None:
         try:
-            _run.call([*self._base(), "kill", name, signal_name], timeout=10)
+            _run.call([*self._base(), "kill", name, signal_argument(signal_name)], timeout=10)
         except CommandError as e:
             log.debug("kill failed", container=name, error=str(e))
 

@@ -46,6 +46,10 @@ DEFAULT_APP_CAPABILITIES = (
     "CAP_SYS_CHROOT",
 )
 
+# glibc's SIGRTMIN: the kernel's 32 plus the two glibc keeps for itself. A state's
+# "RTMIN+N" is signal 34+N, as crun, runc and Docker number it and as systemd (a glibc
+# program) means it when it halts on SIGRTMIN+3.
+GLIBC_SIGRTMIN = 34
 SECCOMP_DEFAULT = "default"  # containers-common's profile, for the container's capabilities
 SECCOMP_UNCONFINED = "unconfined"
 

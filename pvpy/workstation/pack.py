@@ -40,6 +40,7 @@ import json
 import lzma
 import os
 import shutil
+import signal
 import tarfile
 import tempfile
 import zlib
@@ -50,6 +51,7 @@ from typing import Any, Literal
 
 from pvpy import _run
 from pvpy.errors import SpecError, one_line
+from pvpy.state.model import GLIBC_SIGRTMIN
 from pvpy.store import ObjectStore
 from pvpy.workstation.tarmerge import LayerMerge
 
@@ -68,6 +70,7 @@ class ImageConfig:
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
     user: tuple[int, int] | None = None
+    stop_signal: str | None = None  # as a state names it: "RTMIN+3", "QUIT"
 
 
 @dataclass(frozen=True)
@@ -294,7 +297,37 @@ def _image_config(layout: Path, manifest: dict[str, Any]) -> ImageConfig:
         uid, _, gid = str(config["User"]).partition(":")
         if uid.isdigit() and (gid.isdigit() or not gid):
             user = (int(uid), int(gid or 0))
-    return ImageConfig(args=strings("Entrypoint") + strings("Cmd"), env=env, cwd=cwd, user=user)
+    return ImageConfig(
+        args=strings("Entrypoint") + strings("Cmd"),
+        env=env,
+        cwd=cwd,
+        user=user,
+        stop_signal=_stop_signal_name(config.get("StopSignal"), where),
+    )
+
+
+def _stop_signal_name(value: object, where: str) -> str | None:
+    """An image's StopSignal ("SIGRTMIN+3", "SIGQUIT", "37") as a state names it
+    ("RTMIN+3", "QUIT"); the state's schema says which it accepts."""
+    if not value:
+        return None
+    if not isinstance(value, str):
+        raise SpecError(f"{where}: StopSignal is not a string")
+    name = value.upper().removeprefix("SIG")
+    if name == "RTMIN":
+        name = str(GLIBC_SIGRTMIN)
+    elif name.startswith("RTMAX"):  # RTMAX is 64, RTMAX-N 64-N
+        offset = name.removeprefix("RTMAX").removeprefix("-") or "0"
+        name = str(64 - int(offset)) if offset.isdigit() else name
+    if name.isdigit():
+        number = int(name)
+        if number >= GLIBC_SIGRTMIN:
+            return f"RTMIN+{number - GLIBC_SIGRTMIN}"
+        try:
+            return signal.Signals(number).name.removeprefix("SIG")
+        except ValueError:
+            raise SpecError(f"{where}: StopSignal {value!r} is no signal") from None
+    return name
 
 
 def squash_oci(

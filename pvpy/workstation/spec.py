@@ -227,6 +227,8 @@ def _pack_objects(doc: dict[str, Any], spec_dir: Path, store: ObjectStore) -> St
             c["cwd"] = config.cwd
         if "user" not in c and config.user:
             c["user"] = {"uid": config.user[0], "gid": config.user[1]}
+        if "stop_signal" not in c and config.stop_signal:
+            c["stop_signal"] = config.stop_signal  # the image's StopSignal (systemd: RTMIN+3)
 
     validate(doc)
     return State.from_dict(doc)

@@ -49,6 +49,7 @@ class Managed:
         self.next_start: float | None = None
         self.stop_deadline: float | None = None
         self.killed = False
+        self.signal_unsent: str | None = None  # a stop signal crun could not take yet
         self.check_pid: int | None = None  # readiness command in flight
         self.next_check = 0.0
         self.check_deadline = 0.0

@@ -300,7 +300,7 @@ if TYPE_CHECKING:
         def remove_cgroups(self) -> None: ...
         def run_argv(self, c: Container) -> list[str]: ...
         def exec_argv(self, c: Container, argv: list[str]) -> list[str]: ...
-        def kill(self, name: str, signal_name: str = "TERM") -> None: ...
+        def kill(self, name: str, signal_name: str = "TERM") -> bool: ...
         def init_pid(self, c: Container) -> int | None: ...
 
 
@@ -438,11 +438,15 @@ class Runtime:
         capabilities) that the container's own processes cannot."""
         return [*self._base(), "exec", "--no-new-privs", c.name, *argv]
 
-    def kill(self, name: str, signal_name: str = "TERM") -> None:
+    def kill(self, name: str, signal_name: str = "TERM") -> bool:
+        """Send ``signal_name`` to the container's init; False when it could not be
+        sent (e.g. crun has not written the container's state yet: still creating)."""
         try:
             _run.call([*self._base(), "kill", name, signal_argument(signal_name)], timeout=10)
         except CommandError as e:
             log.debug("kill failed", container=name, error=str(e))
+            return False
+        return True
 
     def delete(self, name: str) -> None:
         # Both runtimes keep a container's state in ROOT/<name>/: without it there is

@@ -247,6 +247,13 @@ class Supervisor:
             self.tick()
 
     def _tick_one(self, m: Managed, now: float) -> None:
+        if (
+            m.status == STOPPING
+            and m.signal_unsent
+            and m.pid is not None
+            and self.runtime.init_pid(m.spec) is not None  # crun made its state: send it now
+        ):
+            self._signal(m, m.signal_unsent)
         if m.status == STOPPING and m.stop_deadline is not None and now >= m.stop_deadline:
             if not m.killed:
                 log.warning("stop timed out, killing", container=m.name)
@@ -365,7 +372,10 @@ class Supervisor:
     # -- stopping -------------------------------------------------------------------
 
     def _signal(self, m: Managed, name: str) -> None:
-        self.runtime.kill(m.name, name)
+        # A container asked to stop while crun is still creating it has no state for
+        # `crun kill` yet: the signal is kept and sent once its init runs (see tick),
+        # instead of being lost and the stop waiting out its timeout for SIGKILL.
+        m.signal_unsent = None if self.runtime.kill(m.name, name) else name
 
     def stop_all(self) -> None:
         """Stop every container, one at a time in reverse start order.
@@ -454,6 +464,8 @@ class Supervisor:
                 times.append(m.next_start)
             if m.stop_deadline is not None:
                 times.append(m.stop_deadline)
+            if m.status == STOPPING and m.signal_unsent and m.pid is not None:
+                times.append(self.clock() + 0.05)  # until crun made its state (a stop only)
             if m.status == STARTING:
                 times.append(self.clock() + self.launcher.poll_interval())
             if m.status == STARTED and m.spec.readiness is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["human_size", "print_status", "print_table"]
+__all__ = ["human_size", "print_status", "print_table", "show_status"]
 
 
 def human_size(n: float) -> str:
@@ -62,3 +62,14 @@ def print_status(status: Mapping[str, Any]) -> None:
         older = int(status.get("updates_total") or 0) - len(status["updates"])
         if older > 0:
             print(f"({older} older update records not shown)")
+
+
+def show_status(status: Mapping[str, Any], as_json: bool) -> None:
+    """A device's status as ``pvpy device status`` prints it, whichever way it came
+    (a sandbox's control socket, a device's API): tables, or ``--json``."""
+    if as_json:
+        import json
+
+        print(json.dumps(status, indent=2))
+    else:
+        print_status(status)

@@ -184,15 +184,9 @@ def follow_update(storage: Path, revision: int, timeout: float) -> int:
 
 def device_status(args: argparse.Namespace) -> int:
     """A sandbox's status over its control socket (a URL: pvpy.workstation.commands)."""
-    import json
+    from pvpy._text import show_status
 
-    from pvpy._text import print_status
-
-    status = control_request(Path(args.storage), {"cmd": "status"})
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    print_status(status)
+    show_status(control_request(Path(args.storage), {"cmd": "status"}), args.json)
     return 0
 
 

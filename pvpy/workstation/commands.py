@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pvpy._text import human_size, print_status, print_table
+from pvpy._text import human_size, print_table, show_status
 from pvpy.errors import UsageError
 
 if TYPE_CHECKING:
@@ -241,13 +241,7 @@ def _remote(args: argparse.Namespace, timeout: float = 30.0) -> Device:
 
 def device_status(args: argparse.Namespace) -> int:
     """A device at a URL, over its API (a sandbox's --storage: pvpy.device.commands)."""
-    import json
-
-    status = _remote(args).call("GET", "/v1/status")
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    print_status(status)
+    show_status(_remote(args).call("GET", "/v1/status"), args.json)
     return 0
 
 

@@ -112,6 +112,14 @@ class Model:
             if record == up.ERROR:
                 self.good.discard(revision)
                 self.failed.add(revision)
+            elif record == up.WONTGO:
+                # The cut came while the client handed the staged revision to PID 1:
+                # the hand-over failed ("no device answers"), and the client does what
+                # pvpy.device.update.hand_to_pid1 documents: trail removed, WONTGO (the
+                # number stays free). Whether a device going away should count as a
+                # refusal is issue #17's question ("only a verified refusal is WONTGO").
+                self.good.discard(revision)
+                self.refused.add(revision)
             elif record is not None and record not in GOOD_STATES:
                 raise SoakFailure(f"revision {revision} recorded {record} after the cut")
 

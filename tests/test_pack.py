@@ -8,6 +8,7 @@ import io
 import json
 import lzma
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 
 from pvpy.errors import ManifestError, SpecError
 from pvpy.store import ObjectStore, sha256_file
+from pvpy.workstation.imageconfig import ImageAccounts, resolve_user, run_config
 from pvpy.workstation.pack import PackedImage, pack_rootfs
 from pvpy.workstation.spec import build
 
@@ -459,7 +461,7 @@ def test_oci_layout_applies_layers_whiteouts_and_config(tmp_path: Path, store: O
     assert packed.config.args == ["/bin/app", "--serve", "--port", "8080"]
     assert packed.config.env == {"PATH": "/usr/bin:/bin", "OPTS": "a=b"}
     assert packed.config.cwd == "/srv"
-    assert packed.config.user == (1000, 100)
+    assert packed.config.user == "1000:100"
 
     # The only manifest is picked without a tag too, into the same object.
     assert pack_rootfs(layout, store) == packed
@@ -1075,3 +1077,141 @@ def test_broken_tarball_is_one_line_and_exit_4(tmp_path: Path, name: str) -> Non
 
     line = build_fails(spec, tmp_path / "rev")
     assert f"{name}: not a readable tarball" in line
+
+
+# ---------------------------------------------------------------- 8. image intent
+# (images made by real tools: tests/test_oci_images.py; here each rule on its own)
+
+PASSWD = b"# comment\nroot:x:0:0:root:/root:/bin/sh\n+nis\nbroken:x:a:b::/:\napp:x:1000:1000::/home/app:/bin/sh\n"
+GROUP = b"root:x:0:\nstaff:x:50:app\napp:x:1000:\n"
+ACCOUNTS = ImageAccounts(PASSWD, GROUP)
+
+
+@pytest.mark.parametrize(
+    ("user", "ids"),
+    [
+        ("app", (1000, 1000)),  # the primary group of /etc/passwd
+        ("app:staff", (1000, 50)),
+        ("app:7", (1000, 7)),
+        ("1000", (1000, 1000)),  # a listed uid takes its primary group too
+        ("4242", (4242, 0)),  # an unlisted uid: group 0, as runc does
+        ("4242:staff", (4242, 50)),
+        ("0:0", (0, 0)),
+    ],
+)
+def test_user_resolves_through_the_images_own_accounts(user: str, ids: tuple[int, int]) -> None:
+    assert resolve_user(user, ACCOUNTS, "img") == ids
+
+
+@pytest.mark.parametrize(
+    ("user", "accounts", "message"),
+    [
+        ("bob", ACCOUNTS, "img: user 'bob': no user 'bob' in the image's /etc/passwd"),
+        (
+            "app:wheel",
+            ACCOUNTS,
+            "img: user 'app:wheel': no group 'wheel' in the image's /etc/group",
+        ),
+        ("app", ImageAccounts(), "no user 'app' in the image's /etc/passwd (it has none)"),
+        ("broken", ACCOUNTS, "no user 'broken'"),  # a malformed entry is no entry
+        ("app:", ACCOUNTS, "not NAME, UID, NAME:GROUP or UID:GID"),
+        ("app", None, "names need an image pvpy reads"),
+        ("4294967295", ACCOUNTS, "ids go up to 4294967294"),
+    ],
+)
+def test_a_user_that_does_not_resolve_is_a_spec_error(
+    user: str, accounts: ImageAccounts | None, message: str
+) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        resolve_user(user, accounts, "img")
+
+
+def test_accounts_are_read_through_symlinks_inside_the_image(
+    tmp_path: Path, store: ObjectStore
+) -> None:
+    # /etc/passwd -> /usr/lib/passwd (absolute: inside the image, never the host's),
+    # /etc/group -> ../usr/lib/group; a later layer replaces the passwd it points at
+    lower = [
+        ("etc", "dir", 0o755),
+        ("usr/lib", "dir", 0o755),
+        ("usr/lib/passwd", "file", b"old:x:1:1::/:\n"),
+        ("usr/lib/group", "file", GROUP),
+        ("etc/passwd", "sym", "/usr/lib/passwd"),
+        ("etc/group", "sym", "../usr/lib/../lib/../../../usr/lib/group"),
+    ]
+    upper = [("usr/lib/passwd", "file", PASSWD)]
+    make_oci(tmp_path / "oci", [gz(lower), gz(upper)], {"User": "app:staff"})
+    packed = pack_rootfs(tmp_path / "oci", store)
+    assert packed.accounts == ImageAccounts(PASSWD, GROUP)
+    assert packed.config.user == "app:staff"
+
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "usr" / "lib").mkdir(parents=True)
+    (tree / "usr" / "lib" / "passwd").write_bytes(PASSWD)
+    (tree / "etc" / "passwd").symlink_to("/usr/lib/passwd")
+    (tree / "etc" / "group").symlink_to("/etc/group")  # a loop: no group file
+    assert pack_rootfs(tree, store).accounts == ImageAccounts(PASSWD, None)
+
+
+def _config(**config: Any) -> dict[str, Any]:
+    return {"architecture": "amd64", "os": "linux", "config": config}
+
+
+@pytest.mark.parametrize(
+    ("healthcheck", "shell", "readiness"),
+    [
+        (  # Docker's own form; durations in ns, rounded up to ms
+            {"Test": ["CMD-SHELL", "curl -f localhost"], "Interval": 2_000_000_000,
+             "Timeout": 1_500_000, "Retries": 3, "StartPeriod": 10**10},
+            None,
+            {"command": ["/bin/sh", "-c", "curl -f localhost"], "interval_ms": 2000, "timeout_ms": 2},
+        ),
+        (  # buildah's split CMD-SHELL is joined; the image's Shell runs it
+            {"Test": ["CMD-SHELL", "test", "-e", "/ok"]},
+            ["/bin/ash", "-eo", "pipefail", "-c"],
+            {"command": ["/bin/ash", "-eo", "pipefail", "-c", "test -e /ok"],
+             "interval_ms": 5000, "timeout_ms": 30000},  # Docker's defaults
+        ),
+        (  # StartInterval is how often to check while starting
+            {"Test": ["CMD", "/bin/check", "--quick"], "Interval": 60 * 10**9,
+             "StartInterval": 250_000_000},
+            None,
+            {"command": ["/bin/check", "--quick"], "interval_ms": 250, "timeout_ms": 30000},
+        ),
+        ({"Test": ["NONE"]}, None, None),
+        ({"Test": []}, None, None),
+    ],
+)  # fmt: skip
+def test_a_docker_healthcheck_becomes_a_command_readiness(
+    healthcheck: dict[str, Any], shell: list[str] | None, readiness: dict[str, Any] | None
+) -> None:
+    extra = {"Shell": shell} if shell else {}
+    config = run_config(_config(Healthcheck=healthcheck, **extra), "img")
+    expected = {"type": "command", **readiness} if readiness else None
+    assert config.readiness == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"Healthcheck": {"Test": ["CMD"]}}, "Healthcheck.Test ['CMD'] is not"),
+        ({"Healthcheck": {"Test": ["EXEC", "x"]}}, "Healthcheck.Test ['EXEC', 'x'] is not"),
+        ({"Healthcheck": {"Test": "CMD true"}}, "Healthcheck.Test is not a list of strings"),
+        ({"Healthcheck": {"Test": ["CMD", "x"], "Interval": -1}}, "Healthcheck.Interval is not"),
+        ({"Healthcheck": {"Test": ["CMD", "x"], "Timeout": 1.5}}, "Healthcheck.Timeout is not"),
+        ({"Volumes": {"data": {}}}, "volume 'data' is not an absolute path"),
+        ({"Volumes": {"/a/../..": {}}}, "has '..'"),
+        ({"Volumes": {"//": {}}}, "would hide the whole image"),
+        ({"Volumes": ["/data"]}, "Volumes is not an object"),
+        ({"User": 1000}, "User is not a string"),
+    ],
+)
+def test_a_malformed_image_config_is_a_spec_error(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        run_config(_config(**config), "img")
+
+
+def test_image_volumes_are_normalised_targets() -> None:
+    config = run_config(_config(Volumes={"/var/lib/db/": {}, "/data": {}, "/x//y": {}}), "img")
+    assert config.volumes == ("/data", "/var/lib/db", "/x/y")

@@ -75,6 +75,19 @@ BAD_SPECS = {
         "    args: [/bin/app]\n",
         "unknown source option(s) ['5', 'b']",
     ),
+    "image-volumes-unknown": (
+        f"revision: 1\n{APP}    image_volumes: forever\n",
+        "$.containers.app.image_volumes: 'forever' is not one of permanent, revision, boot, none",
+    ),
+    "user-name-not-in-the-tree": (
+        f"revision: 1\n{APP}    user: nobody\n",
+        "$.containers.app.user: ",  # make_tree has no /etc/passwd
+    ),
+    "user-not-a-string-or-ids": (f"revision: 1\n{APP}    user: [app]\n", "$.containers.app.user"),
+    "docker-archive-not-one": (
+        "revision: 1\ncontainers:\n  app:\n    rootfs: {docker-archive: rootfs}\n",
+        "rootfs: a docker-archive is a file (docker save's tarball)",
+    ),
     "number-key-in-a-container": (
         "revision: 1\ncontainers:\n  app:\n    rootfs: rootfs\n    args: [/bin/app]\n    5: 30s\n",
         "$.containers.app",
@@ -123,3 +136,27 @@ def test_a_failed_build_leaves_the_out_dir_as_it_was(spec_dir: Path) -> None:
     shutil.rmtree(out)
     build_fails(broken, out)  # a fresh dir: nothing at all is left
     assert not out.exists()
+
+
+def test_a_spec_user_name_resolves_through_the_trees_own_passwd(spec_dir: Path) -> None:
+    """A directory rootfs (the developer's own tree) has its /etc/passwd read too,
+    never the workstation's: "nobody" below is not this machine's nobody."""
+    etc = spec_dir / "rootfs" / "etc"
+    (etc / "passwd").write_text("root:x:0:0::/:\nnobody:x:4711:4712::/:\n")
+    (etc / "group").write_text("root:x:0:\nnogroup:x:4712:\nvideo:x:44:nobody\n")
+    spec = write_spec(spec_dir, f"revision: 1\n{APP}    user: nobody:video\n")
+    assert pvpy("state", "build", spec, "--out", spec_dir / "rev").returncode == 0
+    state = json.loads((spec_dir / "rev" / "state.json").read_text())
+    assert state["containers"]["app"]["user"] == {"uid": 4711, "gid": 44}
+
+
+def test_image_volume_names_come_from_their_targets() -> None:
+    from pvpy.workstation.spec import image_volume_name
+
+    assert image_volume_name("/var/lib/My DB", set()) == "var-lib-my-db"
+    taken = image_volume_name("/data", {"data"})  # the spec named another volume "data"
+    assert taken.startswith("data-") and len(taken) == len("data-") + 8
+    assert taken == image_volume_name("/data", {"data"})  # the same in every revision
+    long = image_volume_name("/" + "x" * 80, set())
+    assert len(long) <= 63 and long.startswith("x" * 54 + "-")
+    assert image_volume_name("/.../", set()).startswith("volume-")

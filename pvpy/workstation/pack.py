@@ -8,7 +8,16 @@ Sources:
 - an OCI image layout directory (has ``oci-layout`` and ``index.json``)
                                     -> blobs hash-checked, layers merged in
                                        order with whiteouts, then tar2sqfs
+- a docker-archive (``docker save``, ``skopeo copy ... docker-archive:``)
+                                    -> layers checked against the config's
+                                       diff_ids, merged as an OCI layout's
 - a squashfs file (.squashfs, .sqfs) -> stored as is
+
+An image's config says how to run it (Entrypoint/Cmd, Env, WorkingDir, User,
+StopSignal, Volumes, and a docker-archive's Healthcheck): imageconfig.py reads
+it; spec.py fills what the spec leaves out. The image's own /etc/passwd and
+/etc/group are read here from the merged layers (``ImageAccounts``), so a
+user's name resolves through them, never the workstation's.
 
 Tarballs and OCI layers are never extracted: their members are merged as names
 in memory (tarmerge.py) and the one merged stream becomes the image through
@@ -33,27 +42,31 @@ smaller but reads 3-4x slower. A spec may choose any of COMPRESSORS per source.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
 import io
 import json
 import lzma
 import os
 import shutil
-import signal
 import tarfile
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pvpy import _run
 from pvpy.errors import SpecError, one_line
-from pvpy.state.model import GLIBC_SIGRTMIN
 from pvpy.store import ObjectStore
-from pvpy.workstation.tarmerge import LayerMerge
+from pvpy.workstation.imageconfig import GROUP, PASSWD, ImageAccounts, ImageConfig, run_config
+from pvpy.workstation.imageconfig import (
+    _stop_signal_name as _stop_signal_name,  # re-exported: tests/test_state.py imports it here
+)
+from pvpy.workstation.tarmerge import LayerMerge, normalise, resolve_links
 
 COMPRESSORS = ("gzip", "xz", "zstd", "lz4", "lzo")
 DEFAULT_COMPRESSION = "zstd"
@@ -63,21 +76,11 @@ SQUASHFS_MAGIC = b"hsqs"
 
 
 @dataclass(frozen=True)
-class ImageConfig:
-    """Defaults an OCI image carries for running it."""
-
-    args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    user: tuple[int, int] | None = None
-    stop_signal: str | None = None  # as a state names it: "RTMIN+3", "QUIT"
-
-
-@dataclass(frozen=True)
 class PackedImage:
     sha256: str
     size: int
     config: ImageConfig
+    accounts: ImageAccounts | None = None  # None: not read (a squashfs source)
 
 
 def _check_compression(compression: str) -> None:
@@ -156,10 +159,11 @@ def squash_tar_layers(
     all_root: bool = False,
     *,
     oci_whiteouts: bool = False,
-) -> None:
+) -> ImageAccounts:
     """Merge tar ``layers`` (named for errors; a tarball is one layer) and tar2sqfs
-    the result into the file ``out``. No member is ever written to the filesystem
-    (tarmerge.py says why). Raises SpecError / CommandError.
+    the result into the file ``out``; return the merged tree's accounts. No member
+    is ever written to the filesystem (tarmerge.py says why). Raises SpecError /
+    CommandError.
     """
     _check_compression(compression)
     if _run.which("tar2sqfs") is None:
@@ -185,9 +189,31 @@ def squash_tar_layers(
                     merge.add_layer(archive, oci_whiteouts=oci_whiteouts)
             with _reading(", ".join(what for what, _ in layers)):  # data may be cut short
                 merge.write(stream, all_root=all_root)
+                accounts = ImageAccounts(merge.read_file(PASSWD), merge.read_file(GROUP))
         stream.flush()
         stream.seek(0)
         _run.run(argv, stdin=stream)
+    return accounts
+
+
+def read_dir_accounts(root: Path) -> ImageAccounts:
+    """The accounts of a directory tree, its symlinks followed inside it."""
+
+    def readlink(name: str) -> str | None:
+        path = root / name
+        return os.readlink(path) if path.is_symlink() else None
+
+    def read(name: str) -> bytes | None:
+        resolved = resolve_links(name, readlink)
+        path = root / resolved if resolved is not None else None
+        if path is None or not path.is_file() or path.is_symlink():
+            return None
+        return path.read_bytes()
+
+    try:
+        return ImageAccounts(read(PASSWD), read(GROUP))
+    except OSError as e:
+        raise SpecError(f"{root}: cannot read its /{PASSWD} or /{GROUP}: {e.strerror}") from e
 
 
 def _read_blob(layout: Path, digest: str) -> bytes:
@@ -269,77 +295,127 @@ def _oci_layers(layout: Path, manifest: dict[str, Any]) -> list[tuple[str, bytes
 
 
 def _image_config(layout: Path, manifest: dict[str, Any]) -> ImageConfig:
-    """The run defaults of an image's config blob; SpecError when they are malformed."""
+    """The run defaults of an OCI image's config blob; SpecError when malformed."""
     digest = _digest_of(manifest.get("config"), f"{layout}: the manifest's config")
-    doc = _blob_json(layout, digest)
-    where = f"{layout}: config {digest}"
-    if not isinstance(doc, dict):
-        raise SpecError(f"{where}: not an image config")
-    config = doc.get("config") or {}
-    if not isinstance(config, dict):
-        raise SpecError(f"{where}: 'config' is not an object")
-
-    def strings(key: str) -> list[str]:
-        value = config.get(key) or []
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise SpecError(f"{where}: {key} is not a list of strings")
-        return value
-
-    env = {}
-    for item in strings("Env"):
-        key, _, value = item.partition("=")
-        env[key] = value
-    cwd = config.get("WorkingDir") or None
-    if cwd is not None and not isinstance(cwd, str):
-        raise SpecError(f"{where}: WorkingDir is not a string")
-    user = None
-    if config.get("User"):
-        uid, _, gid = str(config["User"]).partition(":")
-        if uid.isdigit() and (gid.isdigit() or not gid):
-            user = (int(uid), int(gid or 0))
-    return ImageConfig(
-        args=strings("Entrypoint") + strings("Cmd"),
-        env=env,
-        cwd=cwd,
-        user=user,
-        stop_signal=_stop_signal_name(config.get("StopSignal"), where),
-    )
-
-
-def _stop_signal_name(value: object, where: str) -> str | None:
-    """An image's StopSignal ("SIGRTMIN+3", "SIGQUIT", "37") as a state names it
-    ("RTMIN+3", "QUIT"); the state's schema says which it accepts."""
-    if not value:
-        return None
-    if not isinstance(value, str):
-        raise SpecError(f"{where}: StopSignal is not a string")
-    name = value.upper().removeprefix("SIG")
-    if name == "RTMIN":
-        name = str(GLIBC_SIGRTMIN)
-    elif name.startswith("RTMAX"):  # RTMAX is 64, RTMAX-N 64-N
-        offset = name.removeprefix("RTMAX").removeprefix("-") or "0"
-        name = str(64 - int(offset)) if offset.isdigit() else name
-    if name.isdigit():
-        number = int(name)
-        if number >= GLIBC_SIGRTMIN:
-            return f"RTMIN+{number - GLIBC_SIGRTMIN}"
-        try:
-            return signal.Signals(number).name.removeprefix("SIG")
-        except ValueError:
-            raise SpecError(f"{where}: StopSignal {value!r} is no signal") from None
-    return name
+    return run_config(_blob_json(layout, digest), f"{layout}: config {digest}")
 
 
 def squash_oci(
     layout: Path, tag: str | None, out: Path, compression: str, all_root: bool
-) -> ImageConfig:
+) -> tuple[ImageConfig, ImageAccounts]:
     """Squash an OCI image layout's layers (in order, with whiteouts) into ``out``;
-    return its run config. Raises SpecError / CommandError."""
+    return its run config and accounts. Raises SpecError / CommandError."""
     manifest = _pick_manifest(layout, tag)
     config = _image_config(layout, manifest)
     layers = _oci_layers(layout, manifest)
-    squash_tar_layers(layers, out, compression, all_root, oci_whiteouts=True)
-    return config
+    return config, squash_tar_layers(layers, out, compression, all_root, oci_whiteouts=True)
+
+
+def squash_docker_archive(
+    archive: Path, tag: str | None, out: Path, compression: str, all_root: bool
+) -> tuple[ImageConfig, ImageAccounts]:
+    """Squash the image of a docker-archive (``docker save``; ``skopeo copy``'s
+    ``docker-archive:``) into ``out``; return its run config and accounts.
+
+    Why read it and not ask for an OCI layout: converting one into the other
+    (``skopeo copy docker-archive:... oci:...``) rewrites the config as an OCI
+    config, which has no Healthcheck. Its manifest.json names no digests: the
+    config's file name (its sha256) and its ``rootfs.diff_ids`` (each layer's
+    uncompressed sha256) are checked instead. Raises SpecError / CommandError.
+    """
+    with _reading(archive), _open_tar(archive) as outer:
+        manifest = _archive_json(outer, archive, "manifest.json")
+        entry = _pick_archive_image(manifest, archive, tag)
+        config_name = entry.get("Config")
+        layer_names = entry.get("Layers")
+        if not isinstance(config_name, str) or not isinstance(layer_names, list):
+            raise SpecError(f"{archive}: manifest.json: an image without Config and Layers")
+        config_bytes = _archive_member(outer, archive, config_name)
+        named = Path(config_name).name.removesuffix(".json")
+        if _is_sha256_hex(named) and hashlib.sha256(config_bytes).hexdigest() != named:
+            raise SpecError(f"{archive}: config {config_name} is corrupt")
+        where = f"{archive}: config {config_name}"
+        try:
+            doc = json.loads(config_bytes)
+        except ValueError as e:
+            raise SpecError(f"{where}: not JSON") from e
+        config = run_config(doc, where)
+        rootfs = doc.get("rootfs")
+        diff_ids = (rootfs.get("diff_ids") if isinstance(rootfs, dict) else None) or []
+        if not isinstance(diff_ids, list) or len(diff_ids) not in (0, len(layer_names)):
+            raise SpecError(f"{where}: rootfs.diff_ids does not match the layers")
+        layers: list[tuple[str, Path | bytes]] = []
+        for i, name in enumerate(layer_names):
+            if not isinstance(name, str):
+                raise SpecError(f"{archive}: manifest.json: a layer name is not a string")
+            data = _archive_member(outer, archive, name)
+            diff_id = "sha256:" + hashlib.sha256(_uncompressed(data)).hexdigest()
+            if diff_ids and diff_ids[i] != diff_id:
+                raise SpecError(f"{archive}: layer {name} is corrupt (not its config's diff_id)")
+            layers.append((f"{archive}: layer {name}", data))
+    return config, squash_tar_layers(layers, out, compression, all_root, oci_whiteouts=True)
+
+
+def _is_sha256_hex(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def _uncompressed(data: bytes) -> bytes:
+    """A layer's tar bytes, as its diff_id hashes them."""
+    if data.startswith(b"\x1f\x8b"):
+        return gzip.decompress(data)
+    if data.startswith(b"BZh"):
+        return bz2.decompress(data)
+    if data.startswith(b"\xfd7zXZ\x00"):
+        return lzma.decompress(data)
+    return data
+
+
+def _archive_member(outer: tarfile.TarFile, archive: Path, name: str) -> bytes:
+    """The bytes of the member ``name`` ("./name" too, as ``tar -C dir .`` writes it;
+    a link in the archive followed by tarfile)."""
+    wanted = normalise(name, f"{archive}: member")
+    member = next((m for m in reversed(outer.getmembers()) if _plain_name(m.name) == wanted), None)
+    if member is None:
+        raise SpecError(f"{archive}: no {name} in the archive")
+    data = outer.extractfile(member)
+    if data is None:
+        raise SpecError(f"{archive}: {name} is not a file")
+    return data.read()
+
+
+def _plain_name(name: str) -> str:
+    return "/".join(part for part in name.split("/") if part not in ("", "."))
+
+
+def _archive_json(outer: tarfile.TarFile, archive: Path, name: str) -> Any:
+    try:
+        return json.loads(_archive_member(outer, archive, name))
+    except ValueError as e:
+        raise SpecError(f"{archive}: {name} is not JSON") from e
+
+
+def _pick_archive_image(manifest: Any, archive: Path, tag: str | None) -> dict[str, Any]:
+    """The one image of manifest.json, or the one ``tag`` names: a whole RepoTags
+    entry ("docker.io/acme/web:1.2") or its tag ("1.2")."""
+    if not isinstance(manifest, list) or not all(isinstance(m, dict) for m in manifest):
+        raise SpecError(f"{archive}: manifest.json is not a list of images")
+    images = manifest
+    if tag is not None:
+        images = [
+            m
+            for m in manifest
+            if isinstance(m.get("RepoTags"), list)
+            and any(
+                isinstance(ref, str) and (ref == tag or ref.rpartition(":")[2] == tag)
+                for ref in m["RepoTags"]
+            )
+        ]
+    if len(images) != 1:
+        what = f"tag {tag!r}" if tag else "exactly one image (name a tag)"
+        raise SpecError(f"{archive}: manifest.json does not hold {what}")
+    image: dict[str, Any] = images[0]
+    return image
 
 
 def _magic(path: Path) -> bytes:
@@ -364,29 +440,37 @@ def pack_rootfs(
     tag: str | None = None,
     compression: str = DEFAULT_COMPRESSION,
     all_root: bool = False,
+    docker_archive: bool = False,
 ) -> PackedImage:
-    """Build the squashfs image of ``source`` into ``store``. Raises SpecError."""
+    """Build the squashfs image of ``source`` (a docker-archive if it says so) into
+    ``store``. Raises SpecError."""
     source = Path(source)
     if not source.exists():
         raise SpecError(f"{source}: no such file or directory")
     store.ensure()
     config = ImageConfig()
     name = source.name
+    if docker_archive and not source.is_file():
+        raise SpecError(f"{source}: a docker-archive is a file (docker save's tarball)")
     if source.is_file() and (name.endswith(SQUASHFS_SUFFIXES) or _magic(source) == SQUASHFS_MAGIC):
         sha = store.put_file(source)
         return PackedImage(sha, store.size(sha), config)
     with _scratch(store.tmp) as tmp:
         image = tmp / "image.squashfs"
-        if source.is_dir() and is_oci_layout(source):
-            config = squash_oci(source, tag, image, compression, all_root)
+        if docker_archive:
+            config, accounts = squash_docker_archive(source, tag, image, compression, all_root)
+        elif source.is_dir() and is_oci_layout(source):
+            config, accounts = squash_oci(source, tag, image, compression, all_root)
         elif source.is_dir():
             squash_dir(source, image, compression, all_root)
+            accounts = read_dir_accounts(source)
         elif name.endswith(TAR_SUFFIXES):
-            squash_tar_layers([(str(source), source)], image, compression, all_root)
+            layers: list[tuple[str, Path | bytes]] = [(str(source), source)]
+            accounts = squash_tar_layers(layers, image, compression, all_root)
         else:
             raise SpecError(
                 f"{source}: not a directory, tarball ({', '.join(TAR_SUFFIXES)}), "
                 "OCI image layout or squashfs image"
             )
         sha = store.put_file(image)
-    return PackedImage(sha, store.size(sha), config)
+    return PackedImage(sha, store.size(sha), config, accounts)

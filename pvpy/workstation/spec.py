@@ -21,12 +21,22 @@ stale signature. See ``examples/demo/spec.yaml``.
         rootfs: {oci: images/web, tag: "1.2", compression: xz}   # default zstd
         restart: {policy: always, backoff_initial_ms: 500ms}
         cgroup: {memory_max: 64M}
+      db:
+        rootfs: {docker-archive: images/db.tar, tag: "16"}        # docker save's tarball
+        user: postgres                   # a name: the image's own /etc/passwd
+        image_volumes: revision          # or permanent (default), boot, none
+
+An image's config fills what the spec leaves out (``_apply_image_config``):
+args, env (the spec's keys win), cwd, user, stop_signal, volumes (each of the
+image's Volumes becomes a volume unless the spec has one at that target) and
+readiness (from a Docker Healthcheck, with status_goal READY).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -36,7 +46,8 @@ from typing import Any
 from pvpy.errors import ManifestError, SpecError, UsageError
 from pvpy.state import SPEC, State, canonical, json_path, validate
 from pvpy.store import SIGNATURE_FILE, STATE_FILE, ObjectStore, write_atomic
-from pvpy.workstation.pack import DEFAULT_COMPRESSION, pack_rootfs
+from pvpy.workstation.imageconfig import resolve_user
+from pvpy.workstation.pack import DEFAULT_COMPRESSION, PackedImage, pack_rootfs
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -125,12 +136,18 @@ def _convert_units(doc: dict[str, Any]) -> dict[str, Any]:
     return converted
 
 
-_SOURCE_KINDS = ("dir", "tar", "oci", "file", "squashfs")
+_SOURCE_KINDS = ("dir", "tar", "oci", "docker-archive", "file", "squashfs")
 _SOURCE_OPTIONS = {"tag": str, "compression": str, "all_root": bool}
+DOCKER_ARCHIVE = "docker-archive"
+# Spec-only container key: what becomes of an image's Volumes (a persistence, or none).
+IMAGE_VOLUMES = "image_volumes"
+IMAGE_VOLUME_CHOICES = ("permanent", "revision", "boot", "none")
+DEFAULT_IMAGE_VOLUMES = "permanent"  # as Docker's volumes: they outlive the container
 
 
 def _source(spec_dir: Path, value: Any, where: str) -> tuple[Path, dict[str, Any]]:
-    """A source given as a path string or {dir|tar|oci|file: path, ...options}."""
+    """A source given as a path string or {dir|tar|oci|docker-archive|file: path,
+    ...options}; a docker-archive says so in its options (``docker-archive: True``)."""
     if isinstance(value, str):
         return spec_dir / value, {}
     if isinstance(value, dict):
@@ -143,8 +160,10 @@ def _source(spec_dir: Path, value: Any, where: str) -> tuple[Path, dict[str, Any
             for option, kind in _SOURCE_OPTIONS.items():
                 if option in options and not isinstance(options[option], kind):
                     raise SpecError(f"{option} must be a {kind.__name__}", f"{where}.{option}")
+            if kinds[0] == DOCKER_ARCHIVE:
+                options[DOCKER_ARCHIVE] = True
             return spec_dir / value[kinds[0]], options
-    raise SpecError("a source is a path or {dir|tar|oci|file: PATH, ...}", where)
+    raise SpecError("a source is a path or {dir|tar|oci|docker-archive|file: PATH, ...}", where)
 
 
 def _created_now() -> str:
@@ -217,21 +236,91 @@ def _pack_objects(doc: dict[str, Any], spec_dir: Path, store: ObjectStore) -> St
         where = json_path(["containers", name])
         if not isinstance(c, dict) or "rootfs" not in c:
             continue  # validate() below names what is missing
-        c["rootfs"], config = _pack(spec_dir, c["rootfs"], store, f"{where}.rootfs")
-        # An OCI image's own run config fills what the spec leaves out.
-        if "args" not in c and config.args:
-            c["args"] = config.args
-        if config.env:
-            c["env"] = {**config.env, **(c.get("env") or {})}
-        if "cwd" not in c and config.cwd:
-            c["cwd"] = config.cwd
-        if "user" not in c and config.user:
-            c["user"] = {"uid": config.user[0], "gid": config.user[1]}
-        if "stop_signal" not in c and config.stop_signal:
-            c["stop_signal"] = config.stop_signal  # the image's StopSignal (systemd: RTMIN+3)
+        image_volumes = _image_volumes_choice(c, where)
+        source = c["rootfs"]
+        c["rootfs"], packed = _pack(spec_dir, source, store, f"{where}.rootfs")
+        image_name = str(_source(spec_dir, source, where)[0])
+        _apply_image_config(c, packed, image_name, image_volumes, where)
 
     validate(doc)
     return State.from_dict(doc)
+
+
+def _image_volumes_choice(c: dict[str, Any], where: str) -> str:
+    """Take the spec-only ``image_volumes`` key out of container ``c``."""
+    choice = c.pop(IMAGE_VOLUMES, DEFAULT_IMAGE_VOLUMES)
+    if choice not in IMAGE_VOLUME_CHOICES:
+        choices = ", ".join(IMAGE_VOLUME_CHOICES)
+        raise SpecError(f"{choice!r} is not one of {choices}", f"{where}.{IMAGE_VOLUMES}")
+    return str(choice)
+
+
+def _apply_image_config(
+    c: dict[str, Any], packed: PackedImage, image: str, image_volumes: str, where: str
+) -> None:
+    """Fill what container ``c`` leaves out from its image's own run config, and
+    resolve a user name through the image's /etc/passwd and /etc/group."""
+    config = packed.config
+    if "args" not in c and config.args:
+        c["args"] = config.args
+    if config.env:
+        c["env"] = {**config.env, **(c.get("env") or {})}
+    if "cwd" not in c and config.cwd:
+        c["cwd"] = config.cwd
+    user = c.get("user", config.user)
+    if isinstance(user, int) and not isinstance(user, bool):
+        user = str(user)  # YAML's `user: 1000`
+    if isinstance(user, str):
+        try:
+            uid, gid = resolve_user(user, packed.accounts, image)
+        except SpecError as e:
+            raise SpecError(e.reason, f"{where}.user") from e
+        c["user"] = {"uid": uid, "gid": gid}
+    if "stop_signal" not in c and config.stop_signal:
+        c["stop_signal"] = config.stop_signal  # the image's StopSignal (systemd: RTMIN+3)
+    if image_volumes != "none" and config.volumes:
+        _add_image_volumes(c, config.volumes, image_volumes)
+    if "readiness" not in c and config.readiness is not None:
+        c["readiness"] = config.readiness  # the image's Healthcheck
+        c.setdefault("status_goal", "READY")  # "healthy" is what the image asks to wait for
+
+
+def _add_image_volumes(c: dict[str, Any], targets: tuple[str, ...], persistence: str) -> None:
+    """Add a volume for each image volume target the spec has none at."""
+    volumes = c.get("volumes", [])
+    if not isinstance(volumes, list) or not all(isinstance(v, dict) for v in volumes):
+        return  # validate() names what is wrong
+    own_targets = {os.path.normpath(str(v.get("target", ""))) for v in volumes}
+    taken = {str(v.get("name")) for v in volumes}
+    added = []
+    for target in targets:
+        if target in own_targets:
+            continue  # the spec's own volume there wins
+        name = image_volume_name(target, taken)
+        taken.add(name)
+        added.append({"name": name, "target": target, "persistence": persistence})
+    if added:
+        # Parents before children, whoever named them: a later mount hides what is under it.
+        c["volumes"] = sorted([*volumes, *added], key=_target_depth)
+
+
+def _target_depth(volume: dict[str, Any]) -> int:
+    return os.path.normpath(str(volume.get("target", ""))).count("/")
+
+
+_NOT_IN_A_NAME = re.compile(r"[^a-z0-9_.-]+")
+
+
+def image_volume_name(target: str, taken: set[str]) -> str:
+    """The volume name of an image's volume at ``target``: the path, lower case,
+    "-" for every run of other characters ("/var/lib/db" -> "var-lib-db"); with a
+    hash of the target when that is too long or already taken. The same target
+    gives the same name in every revision, so a permanent volume stays the same."""
+    name = _NOT_IN_A_NAME.sub("-", target.lower()).strip("-._")
+    if not name or len(name) > 63 or name in taken:
+        digest = hashlib.sha256(target.encode()).hexdigest()[:8]
+        name = f"{name[:54].rstrip('-._') or 'volume'}-{digest}"
+    return name
 
 
 _PLACEHOLDER = {"sha256": "0" * 64, "size": 0}
@@ -250,14 +339,20 @@ def _prevalidate(doc: dict[str, Any]) -> None:
         for key in BSP_IMAGES:
             if key in bsp:
                 bsp[key] = {**_PLACEHOLDER, "format": "squashfs"}
-    for c in (probe.get("containers") or {}).values():
+    for name, c in (probe.get("containers") or {}).items():
+        if isinstance(c, dict):
+            _image_volumes_choice(c, json_path(["containers", name]))
         if isinstance(c, dict) and "rootfs" in c:
             c["rootfs"] = {**_PLACEHOLDER, "format": "squashfs"}
             c.setdefault("args", ["/placeholder"])  # an OCI image may supply them
+            if isinstance(c.get("user"), (str, int)) and not isinstance(c["user"], bool):
+                c["user"] = {"uid": 0, "gid": 0}  # a name: resolved in the image later
     validate(probe)
 
 
-def _pack(spec_dir: Path, value: Any, store: ObjectStore, where: str) -> tuple[dict[str, Any], Any]:
+def _pack(
+    spec_dir: Path, value: Any, store: ObjectStore, where: str
+) -> tuple[dict[str, Any], PackedImage]:
     path, options = _source(spec_dir, value, where)
     try:
         packed = pack_rootfs(
@@ -266,10 +361,11 @@ def _pack(spec_dir: Path, value: Any, store: ObjectStore, where: str) -> tuple[d
             tag=options.get("tag"),
             compression=options.get("compression", DEFAULT_COMPRESSION),
             all_root=bool(options.get("all_root", False)),
+            docker_archive=bool(options.get(DOCKER_ARCHIVE, False)),
         )
     except ManifestError as e:
         if e.path == "$":
             raise SpecError(e.reason, where) from e
         raise
     ref = {"sha256": packed.sha256, "size": packed.size, "format": "squashfs"}
-    return ref, packed.config
+    return ref, packed

@@ -24,12 +24,13 @@ if that member is later replaced or deleted, the link becomes a copy of it.
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
 from pvpy.errors import SpecError
 
-__all__ = ["LayerMerge"]
+__all__ = ["LayerMerge", "resolve_links"]
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -67,6 +68,40 @@ def normalise(name: str, what: str) -> str:
 
 def _parent(path: str) -> str:
     return path.rpartition("/")[0]
+
+
+# As the kernel's limit on symlinks followed in one lookup (ELOOP beyond).
+MAX_LINK_HOPS = 40
+
+
+def resolve_links(path: str, readlink: Callable[[str], str | None]) -> str | None:
+    """``path`` (relative to the image's root) with every symlink in it resolved
+    inside the image, as a lookup in a chroot of it would: an absolute target starts
+    again at the image's root, ".." stops there. ``readlink(p)`` gives the target of
+    ``p`` if it is a symlink, else None. None when the links loop (ELOOP).
+
+    Only names are walked: nothing of the host is ever looked at.
+    """
+    todo = [part for part in path.split("/") if part not in ("", ".")]
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        target = readlink("/".join([*done, part]))
+        if target is None:
+            done.append(part)
+            continue
+        hops += 1
+        if hops > MAX_LINK_HOPS:
+            return None
+        if target.startswith("/"):
+            done = []
+        todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+    return "/".join(done)
 
 
 class LayerMerge:
@@ -151,6 +186,25 @@ class LayerMerge:
             current = doomed.pop()
             self._entries.pop(current, None)
             doomed.extend(self._children.pop(current, ()))
+
+    def read_file(self, path: str) -> bytes | None:
+        """The content of the regular file at ``path`` in the merged tree (symlinks
+        followed inside it), or None when there is none. The layers' archives must
+        still be open."""
+
+        def readlink(name: str) -> str | None:
+            entry = self._entries.get(name)
+            return entry.member.linkname if entry is not None and entry.member.issym() else None
+
+        resolved = resolve_links(path, readlink)
+        entry = self._entries.get(resolved) if resolved is not None else None
+        if entry is None:
+            return None
+        source = (entry.link_target or entry) if entry.member.islnk() else entry
+        if not source.member.isreg():
+            return None
+        data = source.archive.extractfile(source.member)
+        return data.read() if data is not None else None
 
     def write(self, out: IO[bytes], *, all_root: bool) -> None:
         """Emit the merged tree as a tar stream: fresh headers (no pax extras, no

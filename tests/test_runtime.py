@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from pvpy import _run
-from pvpy.device.confinement import default_seccomp
+from pvpy.device.confinement import (
+    CGROUP1,
+    CGROUP1_SYSTEMD,
+    CGROUP2,
+    CGROUP2_DELEGATING,
+    default_seccomp,
+    read_cgroup_layout,
+)
 from pvpy.device.runtime import Paths, Runtime, oci_config, signal_argument
 from pvpy.state.model import Container
 
@@ -137,18 +144,71 @@ def test_every_container_is_told_who_runs_it(tmp_path: Path) -> None:
         assert [e for e in env if e.startswith("container=")] == ["container=pvpy"]
         marker = next(m for m in config["mounts"] if m["destination"] == "/run/systemd/container")
         assert marker["source"] == str(tmp_path / "manager")
-        run = next(m for m in config["mounts"] if m["destination"] == "/run")
-        assert run["type"] == "tmpfs"
+        for scratch in ("/run", "/tmp"):  # systemd's container interface: both tmpfs
+            mount = next(m for m in config["mounts"] if m["destination"] == scratch)
+            assert mount["type"] == "tmpfs"
 
 
-def test_the_host_os_gets_its_own_cgroup_namespace_and_mount(tmp_path: Path) -> None:
-    host = _config(_container(role="host-os"), tmp_path)
-    assert {"type": "cgroup"} in host["linux"]["namespaces"]
-    destinations = [m["destination"] for m in host["mounts"]]
-    # after /sys, so it covers the cgroup mounts the rbind of PID 1's /sys brings
-    assert destinations.index("/sys/fs/cgroup") > destinations.index("/sys")
-    cgroup = host["mounts"][destinations.index("/sys/fs/cgroup")]
-    assert cgroup["type"] == "cgroup" and "rw" in cgroup["options"]
-    # a manifest that already asks for it gets it once
-    twice = _config(_container(role="host-os", namespaces=["pid", "cgroup"]), tmp_path)
-    assert twice["linux"]["namespaces"].count({"type": "cgroup"}) == 1
+def _mount(config: dict[str, Any], destination: str) -> dict[str, Any]:
+    return next(m for m in config["mounts"] if m["destination"] == destination)
+
+
+@pytest.mark.parametrize("layout", [CGROUP1, CGROUP1_SYSTEMD, CGROUP2, CGROUP2_DELEGATING])
+def test_every_container_gets_its_own_cgroup_namespace_and_mount(
+    tmp_path: Path, layout: str
+) -> None:
+    for c in (_container(role="host-os"), _container(), _container(namespaces=["cgroup"])):
+        config = oci_config(c, rootfs=tmp_path, volumes={}, control_dir=tmp_path / "ctl",
+                            cgroups_path="pvpy/c", manager_file=tmp_path / "m",
+                            cgroup_layout=layout)  # fmt: skip
+        assert config["linux"]["namespaces"].count({"type": "cgroup"}) == 1
+        destinations = [m["destination"] for m in config["mounts"]]
+        # after /sys: for the host OS it covers the cgroup mounts the rbind of PID 1's
+        # /sys brings
+        assert destinations.index("/sys/fs/cgroup") > destinations.index("/sys")
+        cgroup = _mount(config, "/sys/fs/cgroup")
+        assert cgroup["type"] == "cgroup"
+        # writable only where that cannot lift the app's limits
+        writable = c.is_host_os or layout == CGROUP2_DELEGATING
+        assert ("rw" if writable else "ro") in cgroup["options"]
+        if layout == CGROUP1_SYSTEMD and not c.is_host_os:
+            named = _mount(config, "/sys/fs/cgroup/systemd")
+            assert named["source"] == "/sys/fs/cgroup/systemd/pvpy/c"
+            assert named["type"] == "bind" and "rw" in named["options"]
+        else:
+            assert "/sys/fs/cgroup/systemd" not in destinations
+
+
+def test_the_cgroup_layout_is_read_from_mountinfo(tmp_path: Path) -> None:
+    def layout(*lines: str) -> str:
+        (tmp_path / "mountinfo").write_text("".join(line + "\n" for line in lines))
+        return read_cgroup_layout(str(tmp_path / "mountinfo"))
+
+    proc = "22 1 0:5 / /proc rw,nosuid - proc proc rw"
+    v2 = "30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec - cgroup2 cgroup2 rw,{}"
+    assert layout(proc, v2.format("nsdelegate,memory_recursiveprot")) == CGROUP2_DELEGATING
+    assert layout(proc, v2.format("memory_recursiveprot")) == CGROUP2
+    assert (
+        layout(
+            "31 24 0:27 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755",
+            "32 31 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory",
+            "33 31 0:29 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd",
+        )
+        == CGROUP1_SYSTEMD
+    )
+    assert layout("32 31 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory") == CGROUP1
+    assert read_cgroup_layout(str(tmp_path / "absent")) == CGROUP1
+
+
+def test_the_console_is_bound_over_dev_console_after_dev(tmp_path: Path) -> None:
+    for c in (_container(), _container(role="host-os")):
+        config = oci_config(c, rootfs=tmp_path, volumes={}, control_dir=tmp_path / "ctl",
+                            cgroups_path="pvpy/c", manager_file=tmp_path / "m",
+                            console="/dev/pts/7")  # fmt: skip
+        destinations = [m["destination"] for m in config["mounts"]]
+        assert destinations.index("/dev/console") > destinations.index("/dev")
+        assert _mount(config, "/dev/console")["source"] == "/dev/pts/7"
+        assert config["process"]["terminal"] is False  # stdout and stderr stay a pipe
+    assert "/dev/console" not in [
+        m["destination"] for m in _config(_container(), tmp_path)["mounts"]
+    ]

@@ -39,10 +39,12 @@ class FakeRuntime:
     def __init__(self, root: Path) -> None:
         self.paths = Paths(storage=root / "storage", run=root / "run")
         self.calls: list[tuple[str, ...]] = []
+        self.consoles: dict[str, str | None] = {}  # the console each bundle was given
         self.not_started: set[str] = set()  # crun has not written their pid file yet
 
-    def prepare(self, c: Container, revision: int) -> Path:
+    def prepare(self, c: Container, revision: int, *, console: str | None = None) -> Path:
         self.calls.append(("prepare", c.name))
+        self.consoles[c.name] = console
         bundle = self.paths.bundle(c.name)
         bundle.mkdir(parents=True, exist_ok=True)
         return bundle
@@ -340,3 +342,37 @@ def test_release_cleans_up_every_container(rig: Rig) -> None:
     sup.release(remove_cgroups=True)
     assert rig.runtime.calls == [("cleanup", "a"), ("cleanup", "b"), ("remove_cgroups",)]
     assert sup.watched_fds() == {}
+
+
+def test_each_container_has_a_console_kept_across_restarts_and_read_into_its_log(
+    rig: Rig,
+) -> None:
+    sup = rig.supervisor(state_of(app={"restart": {"policy": "always"}}, other={}))
+    sup.start()
+    app = sup.containers["app"]
+    path = rig.runtime.consoles["app"]
+    assert path is not None and path.startswith("/dev/pts/")
+    assert rig.runtime.consoles["other"] not in (None, path)
+    assert app.console is not None and app.console.master in sup.watched_fds()
+    # the container writes to its /dev/console: PID 1 copies it to the container's log
+    slave = os.open(path, os.O_WRONLY | os.O_NOCTTY)
+    os.write(slave, b"booting\n")
+    os.close(slave)
+    sup.on_fd(app.console.master)
+    assert rig.runtime.paths.log_file("app").read_bytes() == b"booting\n"
+    rig.exit(sup, "app", exit_code(1))
+    rig.advance(sup, 60)
+    assert rig.runtime.launches("app") == 2 and rig.runtime.consoles["app"] == path  # same pty
+    # PID 1 cannot wait on it: closed, the container runs on without
+    master = app.console.master
+    sup.drop_fd(master)
+    assert app.console is None and master not in sup.watched_fds()
+    # a container gone for good (not in the new revision) has its console closed
+    other = sup.containers["other"]
+    assert other.console is not None
+    other_master = other.console.master
+    sup.switch(state_of(app={"restart": {"policy": "always"}}), {"other"})
+    rig.exit(sup, "other", exit_code(0))
+    sup.tick()
+    assert "other" not in sup.containers and other.console is None
+    assert other_master not in sup.watched_fds()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.device import BUSYBOX_TREE, IDLE, app, build_revision
+from tests.device import BUSYBOX_TREE, COMMIT, IDLE, app, build_revision, pvpy
 
 pytestmark = pytest.mark.root
 
@@ -121,4 +121,89 @@ def rearranged_harmlessly(device: Any, scope: str) -> None:
         ),
     )
     assert wait_for_text(device.storage / "logs" / "app.log", "up\nup")
+    assert device.stop() == 0
+
+
+# An app's look at its cgroups. The writable place: the name=systemd hierarchy on v1
+# (the controllers are read-only), /sys/fs/cgroup itself on cgroup2 with nsdelegate.
+APP_CGROUPS = """
+W=/sys/fs/cgroup; [ -d $W/systemd ] && W=$W/systemd
+LIMIT=/sys/fs/cgroup/memory.max; [ -d /sys/fs/cgroup/memory ] && LIMIT=/sys/fs/cgroup/memory/memory.limit_in_bytes
+echo "limit=$(cat $LIMIT)"
+echo 999999999 > $LIMIT && echo "limit raised"
+mkdir $W/child && echo $$ > $W/child/cgroup.procs && echo "moved to child"
+echo "groups=$(cut -d: -f3 /proc/self/cgroup | sort -u | tr '\n' ' ')"
+echo "seen=$(ls $W | tr '\n' ' ')"
+"""
+
+
+def cgroup_mounts_of(pid: int) -> list[str]:
+    """PID 1's cgroup mounts: mount point, file system, options, root."""
+    out = []
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4].startswith("/sys/fs/cgroup"):
+            sep = fields.index("-")
+            out.append(" ".join([fields[4], fields[3], fields[5], *fields[sep + 1 : sep + 4]]))
+    return sorted(out)
+
+
+def test_an_app_sees_its_own_cgroup_and_may_make_groups_not_lift_its_limits(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
+    rev = build_revision(tmp_path, signing_dir, 1, {
+        "app": app(APP_CGROUPS + "echo looked; " + IDLE, cgroup={"memory_max": "64M"}),
+        "other": app(IDLE),
+    })  # fmt: skip
+    device = sandbox(rev)
+    device.wait_goals()
+    log = wait_for_text(device.storage / "logs" / "app.log", "looked")
+    assert f"limit={64 << 20}\n" in log, log  # its own group's limit: its root is its group
+    assert "limit raised" not in log, log
+    assert "moved to child" in log and "groups=/ /child " in log, log
+    assert "child" in log.split("seen=")[1] and "other" not in log.split("seen=")[1], log
+    # seen from PID 1: the child is below the app's own group
+    parent = f"pvpy-{device.run_dir.name}"
+    writable = Path("/sys/fs/cgroup/systemd")
+    writable = writable if writable.is_dir() else Path("/sys/fs/cgroup")
+    assert (writable / parent / "app" / "child").is_dir()
+    assert device.stop() == 0
+
+
+# An app allowed to mount (CAP_SYS_ADMIN) rearranges its cgroup mount as systemd would.
+REARRANGE_APP = """
+W=/sys/fs/cgroup; [ -d $W/systemd ] && W=$W/systemd
+mkdir $W/init.scope && echo $$ > $W/init.scope/cgroup.procs && echo "moved"
+mkdir -p /sys/fs/cgroup/extra && mount -t tmpfs tmpfs /sys/fs/cgroup/extra && echo "mounted"
+mount -o remount,ro /sys/fs/cgroup && echo remounted
+echo rearranged
+"""
+
+
+def test_apps_start_restart_and_update_after_an_app_rearranged_its_cgroups(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
+    arranger = app(REARRANGE_APP + IDLE, capabilities=["CAP_SYS_ADMIN"])
+    plain = app("echo up; " + IDLE)
+    rev1 = build_revision(tmp_path, signing_dir, 1, {"arranger": arranger, "app": plain})
+    rev2 = build_revision(tmp_path, signing_dir, 2, {
+        "arranger": arranger, "app": plain, "newapp": app("echo new up; " + IDLE),
+    })  # fmt: skip
+    device = sandbox(rev1, *COMMIT)
+    device.wait_goals()
+    before = cgroup_mounts_of(device.pid1())
+    log = wait_for_text(device.storage / "logs" / "arranger.log", "rearranged")
+    assert "moved" in log and "mounted" in log and "remounted" in log, log
+    app_pid = device.container("app")["pid"]
+    assert device.request({"cmd": "restart", "container": "app"})["ok"]
+    device.wait_for("app restarted", lambda s: any(
+        c["name"] == "app" and c["status"] == "STARTED" and c["pid"] != app_pid
+        for c in s["containers"]
+    ))  # fmt: skip
+    assert wait_for_text(device.storage / "logs" / "app.log", "up\nup")
+    assert "UPDATED" in pvpy("device", "update", rev2, "--storage", device.storage).stdout
+    device.wait_goals()
+    assert wait_for_text(device.storage / "logs" / "newapp.log", "new up")
+    assert device.container("arranger")["restarts"] == 0  # untouched by the update
+    assert cgroup_mounts_of(device.pid1()) == before
     assert device.stop() == 0

@@ -1,7 +1,8 @@
 """Thin ctypes wrappers for the Linux calls Python 3.11's os module lacks.
 
 unshare(2), mount(2), umount2(2), reboot(2) (also with an argument),
-prctl(PR_SET_PDEATHSIG), finit_module(2), inotify(7).
+prctl(PR_SET_PDEATHSIG), finit_module(2), inotify(7), a tty's output mode (ioctl(2):
+PID 1 spares itself the termios and fcntl modules for one flag).
 Each raises OSError with errno, like the os module does.
 """
 
@@ -132,6 +133,22 @@ def inotify_watch(fd: int, path: str, mask: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
     return wd
+
+
+TCGETS, TCSETS = 0x5401, 0x5402  # the asm-generic numbers: x86, arm, arm64, riscv
+OPOST = 0x1  # c_oflag: post-process output (with ONLCR, "\n" becomes "\r\n")
+_TERMIOS_SIZE = 64  # the kernel's struct termios is 36 bytes here: room to spare
+
+
+def tty_output_raw(fd: int) -> None:
+    """Turn off output processing (OPOST) of the tty open on ``fd``; on a pty master,
+    that of its slave: what is written to the slave is what the master reads."""
+    termios = ctypes.create_string_buffer(_TERMIOS_SIZE)
+    _check(_libc().ioctl(ctypes.c_int(fd), ctypes.c_ulong(TCGETS), termios), "ioctl TCGETS")
+    oflag = ctypes.c_uint32.from_buffer(termios, 4)  # c_oflag follows c_iflag
+    if oflag.value & OPOST:
+        oflag.value &= ~OPOST
+        _check(_libc().ioctl(ctypes.c_int(fd), ctypes.c_ulong(TCSETS), termios), "ioctl TCSETS")
 
 
 def mounted(target: str) -> bool:

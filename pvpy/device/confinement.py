@@ -1,5 +1,6 @@
 """What confines an app container beyond its namespaces: the OCI ``linux.resources.devices``
-allow-list and ``linux.seccomp`` filter of its config.json (issue #13).
+allow-list and ``linux.seccomp`` filter of its config.json (issue #13), and which of its
+own cgroups it may write (issue #15).
 
 - Devices: deny all, then allow what runc and Podman allow every container (null, zero,
   full, random, urandom, tty, console, ptmx, /dev/pts) plus the ``devices`` of the
@@ -13,6 +14,10 @@ allow-list and ``linux.seccomp`` filter of its config.json (issue #13).
   Podman: a rule applies only if its ``includes`` hold (every listed capability held,
   this architecture listed, the kernel at least ``minKernel``) and its ``excludes`` do
   not (no listed capability held, this architecture not listed).
+
+- Cgroups: every container sees its own cgroup subtree at /sys/fs/cgroup (a cgroup
+  namespace), writable only where that cannot lift its manifest's limits
+  (``cgroup_mounts``).
 
 PID 1 writes bundles, so this is standard library only; the profile is read once.
 """
@@ -30,6 +35,11 @@ if TYPE_CHECKING:
     from pvpy.state.model import Container
 
 PROFILE = Path(__file__).with_name("seccomp.json")
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+# What PID 1's /sys/fs/cgroup is (``read_cgroup_layout``): cgroup2 mounted with nsdelegate
+# or without, v1 hierarchies with a name=systemd one or without.
+CGROUP2_DELEGATING, CGROUP2, CGROUP1_SYSTEMD, CGROUP1 = "v2-nsdelegate", "v2", "v1-systemd", "v1"
 
 # (type, major, minor or None for any): the devices every container may use.
 DEFAULT_DEVICES = (
@@ -153,3 +163,53 @@ def default_seccomp(
     if architectures:
         seccomp["architectures"] = architectures
     return seccomp
+
+
+def read_cgroup_layout(mountinfo: str = "/proc/self/mountinfo") -> str:
+    """Which cgroup layout this mount namespace has at /sys/fs/cgroup (one of the
+    CGROUP* names; CGROUP1 also when nothing is mounted there)."""
+    v1_named_systemd = False
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                mountpoint, fstype = fields[4], fields[sep + 1]
+                if mountpoint == CGROUP_ROOT and fstype == "cgroup2":
+                    super_options = fields[sep + 3].split(",")
+                    return CGROUP2_DELEGATING if "nsdelegate" in super_options else CGROUP2
+                if mountpoint == f"{CGROUP_ROOT}/systemd" and fstype == "cgroup":
+                    v1_named_systemd = True
+    except (OSError, ValueError, IndexError):
+        pass
+    return CGROUP1_SYSTEMD if v1_named_systemd else CGROUP1
+
+
+def cgroup_mounts(c: Container, layout: str, cgroups_path: str) -> list[dict[str, Any]]:
+    """The mounts that show ``c`` its own cgroup subtree at /sys/fs/cgroup (in its
+    cgroup namespace, a cgroup mount's root is the container's cgroup).
+
+    Writable where that cannot lift the limits of its manifest: for the host OS
+    (privileged: it may anyway); on cgroup2 mounted with nsdelegate, which keeps a
+    namespace from writing its root's own limits; and on v1 in the name=systemd
+    hierarchy only (no controller, no limit: where systemd makes its groups, as in
+    systemd-nspawn and Podman). A v1 controller hierarchy, or cgroup2 without
+    nsdelegate, is read-only for an app: its root's memory.limit_in_bytes (memory.max)
+    is the app's own limit, writable by its root user."""
+    if c.is_host_os or layout == CGROUP2_DELEGATING:
+        mode = "rw"
+    else:
+        mode = "ro"
+    mounts: list[dict[str, Any]] = [
+        {"destination": CGROUP_ROOT, "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", mode]},
+    ]  # fmt: skip
+    if mode == "ro" and layout == CGROUP1_SYSTEMD:
+        # crun mounts no hierarchy of its own where a mount is given: this one binds
+        # the container's group, which crun made before it mounts anything
+        mounts.append(
+            {"destination": f"{CGROUP_ROOT}/systemd", "type": "bind",
+             "source": f"{CGROUP_ROOT}/systemd/{cgroups_path.strip('/')}",
+             "options": ["bind", "nosuid", "noexec", "nodev", "rw"]}
+        )  # fmt: skip
+    return mounts

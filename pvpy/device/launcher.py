@@ -1,8 +1,10 @@
 """Starting a container's crun process, and the fds PID 1 waits on for it.
 
-``Launcher.spawn`` runs ``crun run`` in the foreground as our child, its
-stdout and stderr into a pipe whose read end PID 1 watches (the output goes
-to the container's ``LogSink``), after opening the container's notify FIFO.
+``Launcher.open_console`` gives a container its /dev/console (a pty, see
+``managed.Console``) before its bundle is written. ``Launcher.spawn`` runs
+``crun run`` in the foreground as our child, its stdout and stderr into a pipe
+whose read end PID 1 watches (the output goes to the container's ``LogSink``,
+as does the console's), after opening the container's notify FIFO.
 An inotify watch on the bundle dir wakes PID 1 when crun writes the pid file,
 which is when the supervisor calls the container STARTED.
 
@@ -18,7 +20,7 @@ import os
 from pvpy import _run
 from pvpy.device import _linux
 from pvpy.device.logsink import LogSink
-from pvpy.device.managed import Managed
+from pvpy.device.managed import Console, Managed
 from pvpy.device.readiness import open_notify
 from pvpy.errors import PvpyError
 from pvpy.log import get_logger
@@ -48,6 +50,19 @@ class Launcher:
             self.inotify_fd = _linux.inotify_init()
         except OSError as e:
             log.warning("no inotify: polling for started containers", error=str(e))
+
+    def open_console(self, m: Managed) -> str | None:
+        """The path of ``m``'s console pty (opened on its first start, kept across
+        restarts) for its bundle to bind at /dev/console; None when no pty can be
+        had: the container runs without one rather than not at all."""
+        if m.console is None:
+            try:
+                m.console = Console(m.spec.uid, m.spec.gid)
+            except OSError as e:
+                log.warning("no console", container=m.name, error=str(e))
+                return None
+            m.console_token = self._next_token()
+        return m.console.path
 
     def spawn(self, m: Managed) -> None:
         """Start the crun process of ``m`` (prepared by the runtime) and note its
@@ -92,6 +107,8 @@ class Launcher:
         for m in containers:
             if m.out_fd is not None:
                 fds[m.out_fd] = m.out_token
+            if m.console is not None:
+                fds[m.console.master] = m.console_token
             if m.notify_fd is not None:
                 fds[m.notify_fd] = m.notify_token
         return fds

@@ -1,9 +1,19 @@
 """One container as the supervisor sees it at run time (``Managed``) and its statuses.
 
 A ``Managed`` holds what changes while the container runs: its status, the
-crun process, the fds PID 1 waits on for it (output pipe, notify FIFO), its
-log, and its restart counts. It knows the arithmetic of its restart policy;
+crun process, the fds PID 1 waits on for it (output pipe, console, notify FIFO),
+its log, and its restart counts. It knows the arithmetic of its restart policy;
 the supervisor decides when to use it.
+
+A ``Console`` is a container's own /dev/console (systemd.io/CONTAINER_INTERFACE):
+a pty that PID 1 opens, whose slave the bundle bind-mounts at /dev/console and
+whose master PID 1 reads into the container's log, as it reads the output pipe.
+What a container writes there never reaches the device's console, and PID 1
+never blocks on it (the master is non-blocking; a full log disk loses lines,
+``LogSink``). Why not crun's own (``terminal: true``, ``--console-socket``):
+that makes the pty the process's stdin, stdout and stderr too (a controlling
+terminal for every app, its output through the line discipline), and costs
+PID 1 a listening socket and an fd handed over per start.
 """
 
 from __future__ import annotations
@@ -12,7 +22,9 @@ import contextlib
 import os
 import signal
 
+from pvpy.device import _linux
 from pvpy.device.logsink import LogSink
+from pvpy.log import get_logger
 from pvpy.state.model import Container
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
@@ -25,12 +37,60 @@ INSTALLED, MOUNTED, STARTING, STARTED, READY = (
 RECOVERING, STOPPING, STOPPED, FAILED = "RECOVERING", "STOPPING", "STOPPED", "FAILED"
 RUNNING = (STARTING, STARTED, READY)
 
+# The supervisor's logger: these lines read as they did before this module was split out.
+log = get_logger("supervisor")
+
 
 def describe_status(status: int) -> str:
     """A wait status in words: ``exit 3``, ``killed by SIGKILL``."""
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit {os.WEXITSTATUS(status)}"
+
+
+class Console:
+    """A pty that is one container's /dev/console, kept for as long as its record.
+
+    PID 1 keeps a slave fd of its own open: when the container closes its last
+    one (it exits, restarts, or closes and reopens /dev/console) the master
+    would otherwise read EIO, readable again at once: a busy loop. Output is not
+    post-processed (OPOST off), so the log holds the bytes written, not "\r\n"
+    for every "\n". An init may turn it on again (systemd resets its console;
+    a hangup resets a pty's modes): a read with "\r\n" in it turns it off
+    again, and that read's "\r\n" become "\n".
+
+    Raises OSError when no pty can be had (no devpts, the pty limit reached).
+    """
+
+    def __init__(self, uid: int, gid: int) -> None:
+        self.master, self.keep = os.openpty()  # both close-on-exec: crun gets neither
+        try:
+            self.path = os.ttyname(self.keep)  # /dev/pts/N, which the bundle binds
+            os.fchown(self.keep, uid, gid)  # the container's user opens it
+            os.set_blocking(self.master, False)
+            _linux.tty_output_raw(self.master)
+        except OSError:
+            self.close()
+            raise
+
+    def read_into(self, sink: LogSink | None) -> None:
+        """Copy one read of the master to ``sink``. Raises OSError when the master
+        cannot be read (not EAGAIN): its owner closes it."""
+        try:
+            data = os.read(self.master, 65536)
+        except BlockingIOError:
+            return
+        if b"\r\n" in data:
+            _linux.tty_output_raw(self.master)
+            data = data.replace(b"\r\n", b"\n")
+        if data and sink is not None:
+            sink.write(data)
+
+    def close(self) -> None:
+        """Close both ends: a container still writing to it gets EIO, never blocks."""
+        for fd in (self.master, self.keep):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Managed:
@@ -58,6 +118,8 @@ class Managed:
         self.log: LogSink | None = None
         self.restart_requested = False
         self.out_token = 0
+        self.console: Console | None = None  # its /dev/console, kept across restarts
+        self.console_token = 0
         self.notify_fd: int | None = None  # read end of the notify FIFO
         self.notify_keep: int | None = None  # our write end: no EOF when writers leave
         self.notify_token = 0
@@ -105,6 +167,7 @@ class Managed:
             if self.out_fd is not None:
                 os.close(self.out_fd)
                 self.out_fd = None
+        self.read_console()  # its last words, before what its next run writes
         self.pid = None
         self.disk_revision = None  # its next start is in the revision then running
         self.last_exit = describe_status(status)
@@ -154,8 +217,27 @@ class Managed:
         os.close(self.out_fd)  # EOF: crun and the container closed their ends
         self.out_fd = None
 
+    def read_console(self) -> None:
+        """Copy one read of the console to the log; a console that cannot be read
+        is closed (the container writes on into EIO)."""
+        if self.console is None:
+            return
+        try:
+            self.console.read_into(self.log)
+        except OSError as e:
+            log.error("console closed", container=self.name, error=str(e))
+            self.close_console()
+
+    def close_console(self) -> None:
+        if self.console is not None:
+            self.console.close()
+            self.console = None
+
     def drop_fd(self, fd: int) -> None:
-        """Close ``fd`` (its output pipe or notify FIFO) because PID 1 cannot wait on it."""
+        """Close ``fd`` (its output pipe, console or notify FIFO) because PID 1 cannot
+        wait on it."""
+        if self.console is not None and fd == self.console.master:
+            self.close_console()
         for attr in ("out_fd", "notify_fd"):
             if getattr(self, attr) == fd:
                 with contextlib.suppress(OSError):
@@ -168,7 +250,8 @@ class Managed:
             self.notify_keep = None
 
     def close_fds(self) -> None:
-        """Close the notify FIFO, the output pipe and the log (idempotent)."""
+        """Close the notify FIFO, the output pipe, the console and the log (idempotent)."""
+        self.close_console()
         for attr in ("notify_fd", "notify_keep", "out_fd"):
             fd = getattr(self, attr)
             if fd is not None:

@@ -100,8 +100,10 @@ class ReadinessChecks:
             return False
         m.next_check = now + r.interval_ms / 1000
         if r.type == "file":
-            rootfs = self.runtime.paths.bundle(m.name) / "rootfs"
-            return (rootfs / r.path.lstrip("/")).exists()
+            pid = self.runtime.init_pid(m.spec)
+            # through the container's own mounts (/run, /tmp and volumes are its
+            # own tmpfs/binds the bundle's rootfs does not show); never followed
+            return pid is not None and os.path.lexists(f"/proc/{pid}/root/{r.path.lstrip('/')}")
         if r.type == "tcp" and m.spec.network == "host":
             return _tcp_accepts(r.port)
         if r.type in ("command", "tcp"):

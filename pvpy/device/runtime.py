@@ -16,12 +16,16 @@ For each container of a revision:
 
 The host OS container is privileged in the init user namespace: every
 capability this kernel lets us hold, host /dev, /sys read-write, no masked
-paths, but its own cgroup namespace and cgroup mount at /sys/fs/cgroup. Every
-container gets systemd's container interface: ``container=pvpy``,
-/run/systemd/container, /run a tmpfs. App containers get their own namespaces,
-the capabilities and cgroup limits of their manifest (Podman's capability set by
-default), masked /proc paths, no new privileges, a read-only /sys unless ``privileges.sys`` says rw,
-a devices cgroup allow-list and containers-common's default seccomp profile
+paths. Every container gets systemd's container interface
+(systemd.io/CONTAINER_INTERFACE): ``container=pvpy``, /run/systemd/container,
+/run a tmpfs, its own /dev/console (a pty PID 1 reads into its log,
+``managed.Console``), and a cgroup namespace with its own cgroup subtree at
+/sys/fs/cgroup (``confinement.cgroup_mounts``): what it does to its cgroups
+and mounts stays out of the hierarchies PID 1 starts containers in. App
+containers get their own namespaces, the capabilities and cgroup limits of
+their manifest (Podman's capability set by default), masked /proc paths, no
+new privileges, a read-only /sys unless ``privileges.sys`` says rw, a devices
+cgroup allow-list and containers-common's default seccomp profile
 (``pvpy.device.confinement``); their readiness checks run with no new
 privileges too.
 
@@ -37,6 +41,7 @@ from pathlib import Path
 from pvpy import _run
 from pvpy._record import Record
 from pvpy.device import _linux, confinement
+from pvpy.device.confinement import CGROUP1, CGROUP_ROOT, cgroup_mounts, read_cgroup_layout
 from pvpy.errors import CommandError, ContainerError
 from pvpy.log import get_logger
 from pvpy.state.model import GLIBC_SIGRTMIN, SECCOMP_DEFAULT, Container, Volume
@@ -145,9 +150,13 @@ def oci_config(
     control_dir: Path,
     cgroups_path: str,
     manager_file: Path,
+    console: str | None = None,
+    cgroup_layout: str = CGROUP1,
 ) -> dict[str, Any]:
     """The OCI runtime-spec config.json of container ``c``. ``manager_file`` holds
-    ``CONTAINER_MANAGER`` and becomes the container's /run/systemd/container."""
+    ``CONTAINER_MANAGER`` and becomes the container's /run/systemd/container;
+    ``console`` (a pty's /dev/pts/N) its /dev/console; ``cgroup_layout`` is PID 1's
+    (``confinement.read_cgroup_layout``)."""
     host = c.is_host_os
     available = bounding_capabilities()
     wanted = available if host and not c.capabilities else list(c.capabilities)
@@ -175,13 +184,6 @@ def oci_config(
         mounts += [
             {"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind", "rw"]},
             {"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "rw"]},
-            {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "nodev", "mode=755"]},
-            # In its own cgroup namespace, a cgroup mount shows the host OS its own subtree
-            # only, over PID 1's (which the rbind above brought): what systemd creates in
-            # or remounts there stays out of the hierarchies PID 1 and the apps run in.
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-             "options": ["nosuid", "noexec", "nodev", "rw"]},
         ]  # fmt: skip
     else:
         mounts += [
@@ -195,9 +197,25 @@ def oci_config(
              "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs",
              "options": ["nosuid", "noexec", "nodev", c.privileges.sys]},
-            {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "nodev", "mode=755"]},
         ]  # fmt: skip
+    # The host OS's over PID 1's own (its /sys is an rbind of PID 1's): what systemd
+    # creates in or remounts there stays out of the hierarchies PID 1 and the other
+    # containers run in.
+    mounts += cgroup_mounts(c, cgroup_layout, cgroups_path)
+    mounts.append(
+        {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=755"]}
+    )  # fmt: skip
+    mounts.append(
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=1777"]}
+    )  # fmt: skip
+    if console is not None:
+        # after /dev: on the host OS, over the device's real console
+        mounts.append(
+            {"destination": "/dev/console", "type": "bind", "source": console,
+             "options": ["bind", "rw"]}
+        )  # fmt: skip
     mounts.append(
         {"destination": "/run/systemd/container", "type": "bind", "source": str(manager_file),
          "options": ["bind", "rw"]}  # rw: systemd writes it again at boot
@@ -221,7 +239,7 @@ def oci_config(
         mounts.append(entry)
 
     own_namespaces = list(c.namespaces)
-    if host and "cgroup" not in own_namespaces:
+    if "cgroup" not in own_namespaces:
         own_namespaces.append("cgroup")  # for its own cgroup mount, above
     namespaces = [{"type": "mount"}] + [{"type": ns} for ns in own_namespaces]
     if c.network == "isolated":
@@ -295,7 +313,7 @@ if TYPE_CHECKING:
 
         @property
         def paths(self) -> Paths: ...
-        def prepare(self, c: Container, revision: int) -> Path: ...
+        def prepare(self, c: Container, revision: int, *, console: str | None = None) -> Path: ...
         def cleanup(self, c: Container) -> None: ...
         def remove_cgroups(self) -> None: ...
         def run_argv(self, c: Container) -> list[str]: ...
@@ -316,6 +334,7 @@ class Runtime:
         self.paths = paths
         self.cgroup_parent = cgroup_parent
         self._image_users: dict[str, set[str]] = {}
+        self._cgroup_layout: str | None = None  # read once: PID 1 set it up before us
 
     # -- mounts -------------------------------------------------------------
 
@@ -343,13 +362,19 @@ class Runtime:
                     log.warning("umount failed", target=str(target), error=str(e))
             self._image_users.pop(sha256, None)
 
+    def cgroup_layout(self) -> str:
+        if self._cgroup_layout is None:
+            self._cgroup_layout = read_cgroup_layout()
+        return self._cgroup_layout
+
     def _volume_dir(self, c: Container, v: Volume, revision: int) -> Path:
         path = self.paths.persistent_dir(v.persistence, revision, c.name) / "volumes" / v.name
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def prepare(self, c: Container, revision: int) -> Path:
-        """Mount image and overlay, write config.json; return the bundle dir.
+    def prepare(self, c: Container, revision: int, *, console: str | None = None) -> Path:
+        """Mount image and overlay, write config.json (``console``: the pty to bind
+        at its /dev/console, if any); return the bundle dir.
 
         Raises ContainerError (and leaves nothing mounted) on failure.
         """
@@ -382,6 +407,8 @@ class Runtime:
                 control_dir=control,
                 cgroups_path=f"{self.cgroup_parent}/{c.name}",
                 manager_file=manager_file,
+                console=console,
+                cgroup_layout=self.cgroup_layout(),
             )
             (bundle / "config.json").write_text(json.dumps(config, indent=1))
         except BaseException:
@@ -403,7 +430,7 @@ class Runtime:
 
     def remove_cgroups(self) -> None:
         """Remove our (empty) cgroup parent in every hierarchy, v1 or v2."""
-        root = Path("/sys/fs/cgroup")
+        root = Path(CGROUP_ROOT)
         candidates = [root / self.cgroup_parent]
         if root.is_dir():
             candidates += [d / self.cgroup_parent for d in root.iterdir() if d.is_dir()]

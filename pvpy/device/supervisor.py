@@ -2,7 +2,7 @@
 
 It is event driven and never blocks for long: PID 1's loop
 (``pvpy.device.pid1``) hands it child exits (``on_exit``), readable fds
-(``on_fd``: output, ready notifications) and the time (``tick``), and asks
+(``on_fd``: output, consoles, ready notifications) and the time (``tick``), and asks
 when it next needs the time (``next_deadline``).
 
 Container states::
@@ -154,6 +154,9 @@ class Supervisor:
             if fd == m.out_fd:
                 self.on_output(fd)
                 return
+            if m.console is not None and fd == m.console.master:
+                m.read_console()
+                return
             if fd == m.notify_fd:
                 for line in read_notify(fd):
                     self.on_notify(m.name, line)
@@ -167,9 +170,10 @@ class Supervisor:
             self.launcher.close()
             return
         for m in self.containers.values():
-            if fd in (m.out_fd, m.notify_fd):
-                log.error("container fd dropped", container=m.name,
-                          what="output" if fd == m.out_fd else "notify")  # fmt: skip
+            console = m.console.master if m.console is not None else None
+            if fd in (m.out_fd, m.notify_fd, console):
+                what = "output" if fd == m.out_fd else "console" if fd == console else "notify"
+                log.error("container fd dropped", container=m.name, what=what)
                 m.drop_fd(fd)
                 return
 
@@ -291,7 +295,8 @@ class Supervisor:
             self.on_device_request("reboot", f"host OS container failed: {reason}")
 
     def _launch(self, m: Managed) -> None:
-        self.runtime.prepare(m.spec, self.state.revision)
+        console = self.launcher.open_console(m)
+        self.runtime.prepare(m.spec, self.state.revision, console=console)
         self._set(m, MOUNTED)
         self.launcher.spawn(m)
         m.disk_revision = self.state.revision

@@ -39,11 +39,11 @@ PASSWD = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:App:/home/app:/bin/sh\n
 GROUP = "root:x:0:\napp:x:1000:\nstaff:x:50:app\n"
 # The app of the device test: says who it runs as, stops on SIGUSR1 only (as PID 1
 # of its namespace it ignores a signal it has no handler for: TERM would mean a
-# SIGKILL at the stop timeout). It writes to its log, not its volume: a new volume
-# is root's, not the image's user's (see the device test).
+# SIGKILL at the stop timeout). It notes each run in its volume /data, whose new
+# directory takes the owner of the image's /data (the image's user), so it can write.
 APP_SCRIPT = (
     "trap 'echo stopped by USR1; exit 0' USR1; "
-    'echo "run ${REV:-1} as $(id)"; '
+    'echo "run ${REV:-1} as $(id)"; echo "${REV:-1}" >> /data/runs; '
     "while :; do sleep 1 & wait $!; done"
 )
 
@@ -83,6 +83,9 @@ def images(tmp_path_factory: pytest.TempPathFactory, demo_trees: Path) -> dict[s
     shutil.copytree(demo_trees / "hello", bundle / "rootfs", symlinks=True, dirs_exist_ok=True)
     (bundle / "rootfs" / "etc" / "passwd").write_text(PASSWD)
     (bundle / "rootfs" / "etc" / "group").write_text(GROUP)
+    (bundle / "rootfs" / "data").mkdir(exist_ok=True)  # as `RUN chown app /data` makes it
+    os.chown(bundle / "rootfs" / "data", 1000, 1000)
+    os.chmod(bundle / "rootfs" / "data", 0o750)
     run("umoci", "repack", "--image", f"{layout}:base", bundle)
     run(
         "umoci", "config", "--image", f"{layout}:base", "--tag", "v1",
@@ -294,6 +297,10 @@ def test_a_device_runs_the_image_as_its_user_with_its_volume_stop_signal_and_hea
     assert "UPDATED" in result.stdout, result.stdout + device.tail()
     device.wait_for("revision 2", lambda s: s["committed"] == 2 and s["all_goals_met"])
     assert (volumes / "data" / "go").exists()
+    data, cache = (volumes / "data").stat(), (volumes / "var-cache-app").stat()
+    assert (data.st_uid, data.st_gid, data.st_mode & 0o777) == (1000, 1000, 0o750)  # the image's
+    assert (cache.st_uid, cache.st_gid) == (1000, 50)  # none in the image: the app's user's
+    assert (volumes / "data" / "runs").read_text() == "1\n2\n"
     assert log.read_text().splitlines() == [f"run 1 {ran_as}", "stopped by USR1", f"run 2 {ran_as}"]
     assert device.stop() == 0
     assert log.read_text().splitlines()[-1] == "stopped by USR1"

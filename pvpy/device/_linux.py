@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 from functools import cache
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see pvpy._record)
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
 CLONE_NEWNS = 0x00020000
@@ -159,3 +161,21 @@ def mounted(target: str) -> bool:
             return any(line.split()[4] == target for line in f)
     except OSError:
         return False
+
+
+def dir_owner_inside(root: Path, target: str) -> tuple[int, int, int] | None:
+    """Owner and mode of the directory at ``target`` under ``root`` (a mounted
+    image), or None if there is none. No link is followed: a path through one
+    means something inside the container only, not ours to resolve outside it."""
+    path = str(root)
+    for part in target.strip("/").split("/"):
+        if part in ("", ".", ".."):
+            return None
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)

@@ -367,9 +367,15 @@ class Runtime:
             self._cgroup_layout = read_cgroup_layout()
         return self._cgroup_layout
 
-    def _volume_dir(self, c: Container, v: Volume, revision: int) -> Path:
+    def _volume_dir(self, c: Container, v: Volume, revision: int, image: Path) -> Path:
         path = self.paths.persistent_dir(v.persistence, revision, c.name) / "volumes" / v.name
-        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            # the owner and mode of the image's directory there (as Docker does), else
+            # the container's user: a non-root app can write to its new volume
+            uid, gid, mode = _linux.dir_owner_inside(image, v.target) or (c.uid, c.gid, 0o755)
+            os.chown(path, uid, gid)
+            os.chmod(path, mode)
         return path
 
     def prepare(self, c: Container, revision: int, *, console: str | None = None) -> Path:
@@ -395,7 +401,7 @@ class Runtime:
                 _linux.mount("overlay", str(rootfs), "overlay", 0, options)
             except OSError as e:
                 raise ContainerError(f"{c.name}: cannot mount overlay: {e.strerror}") from e
-            volumes = {v.name: self._volume_dir(c, v, revision) for v in c.volumes}
+            volumes = {v.name: self._volume_dir(c, v, revision, lower) for v in c.volumes}
             control = self.paths.control_dir(c.name)
             control.mkdir(parents=True, exist_ok=True)
             manager_file = bundle / "systemd-container"

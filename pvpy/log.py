@@ -39,7 +39,11 @@ def configure(
     level_name = (level or os.environ.get("PVPY_LOG_LEVEL") or "info").lower()
     numeric = LEVELS.get(level_name, 20)
     out = stream or sys.stderr
-    if json is None:  # PID 1 sets PVPY_LOG_JSON for its helpers: the console may be a tty
+    if os.environ.get("PVPY_LOG_TEXT") == "1":
+        # `pvpy device run` on a terminal: a person reads PID 1's and its helpers' lines
+        # (a board's console stays JSON lines: tests and tools parse them)
+        json = False
+    elif json is None:  # PID 1 sets PVPY_LOG_JSON for its helpers: the console may be a tty
         json = os.environ.get("PVPY_LOG_JSON") == "1" or not out.isatty()
     _state.update(lean=lean, level=numeric, json=json, stream=out)
     if lean:
@@ -50,7 +54,7 @@ def configure(
     if json:
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        renderer = _readable  # the same lines PID 1 writes (structlog's own differ)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -87,8 +91,7 @@ class LeanLogger:
 
                 line = json.dumps(record, default=str)
             else:
-                extra = " ".join(f"{k}={v}" for k, v in kw.items())
-                line = f"{record['timestamp'][11:23]} [{level:<7}] {event:<24} {extra}"
+                line = readable_line(record)
             stream.write(line + "\n")
             stream.flush()
         except (OSError, ValueError):
@@ -111,6 +114,21 @@ class LeanLogger:
 
         kw["exception"] = traceback.format_exc()
         self._log("error", event, kw)
+
+
+def readable_line(record: dict[str, Any]) -> str:
+    """One log record for a person: ``11:29:47.123 info  init     booting revision  revision=1``."""
+    skip = ("event", "level", "timestamp", "logger")
+    rest = {k: v for k, v in record.items() if k not in skip and v is not None}
+    extra = " ".join(f"{k}={v}" for k, v in rest.items())
+    stamp = str(record.get("timestamp", ""))[11:23]
+    return (f"{stamp} {record.get('level', ''):<7} {record.get('logger', '-'):<10} "
+            f"{record.get('event', ''):<26} {extra}").rstrip()  # fmt: skip
+
+
+def _readable(_logger: Any, _method: str, record: dict[str, Any]) -> str:
+    """structlog's last processor on a terminal: the lean back end's readable lines."""
+    return readable_line(record)
 
 
 def get_logger(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,25 +18,31 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "examples" / "demo"
 
 
-def pvpy(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+# No saved device nor default of the user running the tests leaks in
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PVPY_DEVICE", "PVPY_DEVICES_FILE")}
+
+
+def pvpy(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pvpy", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**os.environ, "PVPY_DEBUG": ""},
+        env={**CLEAN_ENV, "PVPY_DEBUG": "", "XDG_CONFIG_HOME": "/nonexistent", **(env or {})},
         timeout=120,
     )
 
 
-def ok(*args: str | Path) -> str:
-    result = pvpy(*args)
+def ok(*args: str | Path, env: dict[str, str] | None = None) -> str:
+    result = pvpy(*args, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-def fails(code: int, *args: str | Path) -> str:
-    result = pvpy(*args)
+def fails(code: int, *args: str | Path, env: dict[str, str] | None = None) -> str:
+    result = pvpy(*args, env=env)
     assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pvpy: error: "), result.stderr
@@ -208,8 +215,9 @@ def test_provision_makes_a_private_api_token(tmp_path: Path, demo_rootfs: Path) 
 
 
 def test_device_status_wants_one_device() -> None:
-    assert "one of them" in fails(2, "device", "status")
+    assert "which device?" in fails(2, "device", "status")
     assert "one of them" in fails(2, "device", "status", "unix:/nowhere.sock", "--storage", "/x")
+    assert "no saved device 'lab'" in fails(2, "device", "status", "lab")
 
 
 @pytest.mark.parametrize(
@@ -274,3 +282,117 @@ def test_bad_workstation_input_is_one_line_never_exit_70(tmp_path: Path) -> None
     (rev / "state.json").write_bytes(canonical.encode(minimal_state()))
     assert "--keyset" in fails(2, "state", "sign", rev, "--key", tmp_path / "keys",
                                "--keyset", tmp_path / "no-such-keyset")  # fmt: skip
+
+
+# -- one way to name a device (pvpy.devices) ------------------------------------------
+
+
+def test_named_devices(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    saved = tmp_path / "config" / "pvpy" / "devices.json"
+    out = ok("device", "add", "lab", "https://127.0.0.1:9", env=env)
+    assert "saved lab (https://127.0.0.1:9)" in out and "next: pvpy device status lab" in out
+    ok("device", "add", "bench", "--storage", tmp_path / "dev", env=env)
+    assert oct(saved.stat().st_mode & 0o777) == "0o600"
+    assert oct(saved.parent.stat().st_mode & 0o777) == "0o700"
+    docs = [json.loads(line) for line in ok("device", "list", "--json", env=env).splitlines()]
+    assert docs == [
+        {"name": "bench", "storage": str(tmp_path / "dev"), "default": False},
+        {"name": "lab", "url": "https://127.0.0.1:9", "default": False},
+    ]
+    assert ok("device", "list", "-q", env=env).split() == ["bench", "lab"]
+    # every device verb takes the name: a URL device is reached over the API...
+    for verb in (["status"], ["history"], ["logs"], ["reboot"], ["restart", "web"]):
+        line = fails(10, "device", verb[0], "lab", *verb[1:], env=env)
+        assert "https://127.0.0.1:9: cannot reach the device" in line, line
+    # ...a storage device over its control socket, or its files when it is off
+    for verb in (["status"], ["poweroff"], ["restart", "web"], ["rollback"], ["update", "rev/"]):
+        line = fails(10, "device", verb[0], "bench", *verb[1:], env=env)
+        assert "no device answers" in line, line
+    assert "no log of container 'web'" in fails(2, "device", "logs", "bench", "web", env=env)
+    # PVPY_DEVICE: the default; a container named alone stays a container
+    line = fails(10, "device", "restart", "web", env={**env, "PVPY_DEVICE": "lab"})
+    assert "127.0.0.1:9" in line
+    line = fails(2, "device", "logs", "web", env={**env, "PVPY_DEVICE": "bench"})
+    assert "no log of container 'web'" in line
+    # what the API cannot do yet says so, and how
+    assert "--storage" in fails(2, "device", "stop", "lab", "web", env=env)
+    # bad input: one line, nothing saved
+    before = saved.read_bytes()
+    assert "a device name is" in fails(2, "device", "add", "9lives", "https://x:1", env=env)
+    assert "one of them" in fails(2, "device", "add", "x", env=env)
+    assert "must be http(s)" in fails(2, "device", "add", "x", "ftp://h", env=env)
+    line = fails(2, "device", "add", "x", "https://h:1", "--token-file", tmp_path / "no", env=env)
+    assert "no" in line
+    assert saved.read_bytes() == before
+    assert ok("device", "remove", "lab", env=env) == "removed lab\n"
+    assert "no saved device 'lab'" in fails(2, "device", "remove", "lab", env=env)
+    saved.write_text("not json")
+    assert "cannot read the saved devices" in fails(2, "device", "status", "bench", env=env)
+
+
+def test_version_and_completion(tmp_path: Path) -> None:
+    from pvpy import __version__
+
+    assert ok("--version") == f"pvpy {__version__}\n"
+    for shell in ("bash", "zsh"):
+        assert "complete -o filenames -F _pvpy pvpy" in ok("completion", shell)
+    script = tmp_path / "pvpy-completion.bash"
+    script.write_text(ok("completion", "bash"))
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(("pvpy", *words))
+        probe = (f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words)}; _pvpy; "
+                 'printf "%s\\n" "${COMPREPLY[@]}"')  # fmt: skip
+        out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True)
+        return out.stdout.split()
+
+    assert complete("dev") == ["device"]
+    assert {"push", "pull", "provision"} <= set(complete("device", "p"))
+    assert "--no-trunc" in complete("device", "status", "--no")
+    assert complete("completion", "z") == ["zsh"]
+
+
+def test_json_on_the_verbs_that_print_data(tmp_path: Path, demo_rootfs: Path) -> None:
+    keys, rev = tmp_path / "keys", tmp_path / "rev"
+    doc = json.loads(ok("key", "gen", "--out", keys, "--json"))
+    assert len(doc["keyid"]) == 64 and doc["public"].endswith("pvpy.pub")
+    doc = json.loads(ok("state", "build", demo_rootfs / "spec.yaml", "--out", rev, "--json"))
+    assert doc["revision"] == 1 and doc["containers"] == 3
+    assert json.loads(ok("state", "sign", rev, "--key", keys, "--json"))["revision"] == 1
+    doc = json.loads(ok("state", "verify", rev, "--trust", keys / "pvpy.pub", "--json"))
+    assert doc["ok"] is True and doc["objects"] == 3
+    storage = tmp_path / "dev"
+    doc = json.loads(ok("device", "provision", "--storage", storage, "--state", rev, "--trust",
+                        keys / "pvpy.pub", "--json"))  # fmt: skip
+    assert doc["revision"] == 1
+    # a device that is off: what is installed, offline, exit 0
+    out = ok("device", "status", "--storage", storage)
+    assert "not running" in out and "installed  1" in out and "next boot  1" in out
+    doc = json.loads(ok("device", "status", "--storage", storage, "--json"))
+    assert doc["offline"] is True and doc["installed"] == [1]
+    out = ok("device", "history", "--storage", storage)
+    assert "factory revision" in out
+    row = json.loads(ok("device", "history", "--storage", storage, "--json"))
+    assert row["revision"] == 1 and row["installed"] is True
+    # --no-trunc: state show cuts ARGS at 40 with an ellipsis, or not at all
+    cut = ok("state", "show", rev)
+    assert "127.0.0.1:8080 -h…" in cut and "/www" not in cut
+    assert "-h /www" in ok("state", "show", rev, "--no-trunc")
+
+
+def test_durations_and_times_for_logs() -> None:
+    from pvpy.errors import UsageError
+    from pvpy.timespec import parse_when
+
+    now = 1_000_000.0
+    assert parse_when("10m", "--since", now) == now - 600
+    assert parse_when("1h30m", "--since", now) == now - 5400
+    assert parse_when("45s", "--since", now) == now - 45
+    assert parse_when("2d", "--since", now) == now - 172800
+    assert parse_when("1764671387", "--since", now) == 1764671387
+    assert parse_when("2026-12-02T10:00:00Z", "--until", now) == 1796205600
+    assert parse_when(None, "--since") is None
+    for bad in ("yesterday", "10x", ""):
+        with pytest.raises(UsageError, match="--since"):
+            parse_when(bad, "--since", now)

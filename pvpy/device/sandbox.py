@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -102,9 +103,11 @@ def _boot_once(argv: list[str]) -> int:
 
 
 def run(
-    storage_dir: Path, init_args: list[str], max_boots: int | None = None, max_tries: int = 1
-) -> int:
+    storage_dir: Path, init_args: list[str], max_boots: int | None = None, max_tries: int = 1,
+    on_first_boot: Callable[[int], None] | None = None,
+) -> int:  # fmt: skip
     """Boot the sandboxed device until it powers off. Returns an exit code.
+    ``on_first_boot(revision)`` runs once, before the first boot (the banner).
 
     Raises DeviceError when another device runs this storage (``storagelock``).
     """
@@ -116,15 +119,19 @@ def run(
     # Before anything is touched: a second device on this storage is refused, and
     # must not remove the first one's run dir (sockets) on its way out.
     lock = lock_storage(storage_dir)
+    if sys.stderr.isatty() and "PVPY_LOG_JSON" not in os.environ:
+        # a person watches: PID 1 and its helpers write readable lines (pvpy.log)
+        os.environ["PVPY_LOG_TEXT"] = "1"
     try:
-        return _run_locked(storage_dir, init_args, max_boots, max_tries)
+        return _run_locked(storage_dir, init_args, max_boots, max_tries, on_first_boot)
     finally:
         os.close(lock)
 
 
 def _run_locked(
-    storage_dir: Path, init_args: list[str], max_boots: int | None, max_tries: int
-) -> int:
+    storage_dir: Path, init_args: list[str], max_boots: int | None, max_tries: int,
+    on_first_boot: Callable[[int], None] | None,
+) -> int:  # fmt: skip
     from pvpy.device.bootenv import choose_boot
     from pvpy.device.bootenv.file import FileBootEnv
 
@@ -137,6 +144,8 @@ def _run_locked(
         while max_boots is None or boots < max_boots:
             boots += 1
             choice = choose_boot(env, max_tries=max_tries)
+            if boots == 1 and on_first_boot is not None:
+                on_first_boot(choice.revision)
             log.info("boot", n=boots, revision=choice.revision, trying=choice.trying)
             # A board's /run is a tmpfs: every boot starts with it empty. Ours is a
             # host directory that outlives PID 1 (a power cut, a reboot, a launcher

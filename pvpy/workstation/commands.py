@@ -10,13 +10,14 @@ Device code is never imported here (tests/test_layout.py).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from pvpy._text import human_size, print_table, show_status
+from pvpy._text import Report, clip, human_size, print_table, show_status
 from pvpy.errors import UsageError
 
 if TYPE_CHECKING:
@@ -43,9 +44,15 @@ def key_gen(args: argparse.Namespace) -> int:
         key = generate_key(out)
     except OSError as e:
         raise UsageError(f"--out {out}: {e.strerror}") from e
-    print(f"key id   {key.keyid}")
-    print(f"private  {Path(args.out) / PRIVATE_KEY_FILE}  (keep it secret, off the device)")
-    print(f"public   {Path(args.out) / PUBLIC_KEY_FILE}  (give it to devices: --trust)")
+    private, public = Path(args.out) / PRIVATE_KEY_FILE, Path(args.out) / PUBLIC_KEY_FILE
+    report = Report(args.json)
+    if args.json:
+        report.data({"keyid": key.keyid, "private": str(private), "public": str(public)})
+    else:
+        print(f"key id   {key.keyid}")
+        print(f"private  {private}  (keep it secret, off the device)")
+        print(f"public   {public}  (give it to devices: --trust)")
+    report.hint(f"pvpy state build SPEC.yaml --out DIR, then pvpy state sign DIR --key {args.out}")
     return 0
 
 
@@ -77,12 +84,15 @@ def state_build(args: argparse.Namespace) -> int:
     result = build(Path(args.spec), Path(args.out), revision=args.revision)
     state = result.state
     total = sum(ref.size for ref in state.objects().values())
-    print(
+    report = Report(args.json)
+    report(
         f"built revision {state.revision}: {len(state.containers)} container(s), "
         f"{len(state.objects())} object(s), {human_size(total)} "
-        f"({result.objects_added} new) -> {args.out}"
-    )
-    print(f"next: pvpy state sign {args.out} --key KEY")
+        f"({result.objects_added} new) -> {args.out}",
+        revision=state.revision, containers=len(state.containers),
+        objects=len(state.objects()), bytes=total, new_objects=result.objects_added, out=args.out,
+    )  # fmt: skip
+    report.hint(f"pvpy state sign {args.out} --key KEY_DIR")
     return 0
 
 
@@ -112,7 +122,11 @@ def state_sign(args: argparse.Namespace) -> int:
         parse_keyset_unverified(ks)
         write_atomic(out / KEYSET_FILE, ks)
     ids = ", ".join(k.keyid[:16] for k in keys)
-    print(f"signed revision {doc['revision']} with {ids}")
+    report = Report(args.json)
+    report(f"signed revision {doc['revision']} with {ids}", revision=doc["revision"],
+           keyids=[k.keyid for k in keys], dir=args.dir)  # fmt: skip
+    report.hint(f"pvpy device push DEVICE {args.dir} (or: pvpy device provision --storage DIR "
+                f"--state {args.dir} --trust PUB)")  # fmt: skip
     return 0
 
 
@@ -130,7 +144,11 @@ def state_verify(args: argparse.Namespace) -> int:
     n = len(verified.state.objects())
     checked = "not checked" if args.no_objects else "verified"
     signers = ", ".join(k[:16] for k in verified.signed_by)
-    print(f"OK: revision {verified.revision} signed by {signers}; {n} object(s) {checked}")
+    Report(args.json)(
+        f"OK: revision {verified.revision} signed by {signers}; {n} object(s) {checked}",
+        ok=True, revision=verified.revision, signed_by=list(verified.signed_by), objects=n,
+        objects_checked=not args.no_objects,
+    )  # fmt: skip
     return 0
 
 
@@ -180,7 +198,7 @@ def state_show(args: argparse.Namespace) -> int:
             c.restart.policy,
             c.rootfs.sha256[:12],
             human_size(c.rootfs.size),
-            " ".join(c.args)[:40],
+            clip(" ".join(c.args), 40, args.no_trunc),
         ]
         for c in state.start_order()
     ]
@@ -212,10 +230,15 @@ def device_provision(args: argparse.Namespace) -> int:
     from pvpy.provision import provision
 
     rev = provision(Path(args.storage), Path(args.state), [Path(p) for p in args.trust])
-    print(f"provisioned revision {rev} into {args.storage}")
-    print(f"API credentials  {Path(args.storage) / API_TOKEN} (token and certificate pin: "
-          "--token-file FILE https://HOST:PORT)")  # fmt: skip
-    print(f"next: pvpy device run --storage {args.storage}")
+    report = Report(args.json)
+    token = Path(args.storage) / API_TOKEN
+    if args.json:
+        report.data({"revision": rev, "storage": args.storage, "api_token": str(token)})
+    else:
+        print(f"provisioned revision {rev} into {args.storage}")
+        print(f"API credentials  {token} (token and certificate pin: "
+              "--token-file FILE https://HOST:PORT)")  # fmt: skip
+    report.hint(f"pvpy device run --storage {args.storage}")
     return 0
 
 
@@ -241,7 +264,19 @@ def _remote(args: argparse.Namespace, timeout: float = 30.0) -> Device:
 
 def device_status(args: argparse.Namespace) -> int:
     """A device at a URL, over its API (a sandbox's --storage: pvpy.device.commands)."""
-    show_status(_remote(args).call("GET", "/v1/status"), args.json)
+    show_status(_remote(args).call("GET", "/v1/status"), args.json, args.no_trunc)
+    return 0
+
+
+def device_history(args: argparse.Namespace) -> int:
+    from pvpy._text import history_rows, print_history
+
+    records = _remote(args).call("GET", "/v1/revisions")["revisions"]
+    if args.json:
+        for row in history_rows(records):
+            print(json.dumps(row))
+    else:
+        print_history(records, args.no_trunc)
     return 0
 
 
@@ -249,17 +284,80 @@ def device_push(args: argparse.Namespace) -> int:
     from pvpy.workstation.remote import push
 
     return push(_remote(args), Path(args.state), timeout=args.timeout, wait=not args.no_wait,
-                say=_say)  # fmt: skip
+                say=Report(args.json))  # fmt: skip
 
 
 def device_logs(args: argparse.Namespace) -> int:
     from pvpy.workstation.remote import logs_path
 
     device = _remote(args)
+    path = logs_path(args.containers, args.tail, args.follow, timestamps=args.timestamps,
+                     since=args.since, until=args.until, as_json=args.json)  # fmt: skip
     out = sys.stdout.buffer
-    for chunk in device.stream(logs_path(args.container, args.tail, args.follow)):
+    for chunk in device.stream(path):
         out.write(chunk)
         out.flush()
+    return 0
+
+
+def device_command(args: argparse.Namespace) -> int:
+    """restart a container, reboot, power off: over the API."""
+    device = _remote(args)
+    if args.verb == "restart":
+        from urllib.parse import quote
+
+        from pvpy._text import await_restart, pid_of
+
+        def containers() -> list[dict[str, Any]]:
+            return list(device.call("GET", "/v1/containers")["containers"])
+
+        before = pid_of(args.container, containers())
+        device.call("POST", f"/v1/containers/{quote(args.container, safe='')}/restart")
+        print(await_restart(args.container, before, containers))
+    else:
+        device.call("POST", f"/v1/commands/{args.verb}")
+        print(f"{args.verb}: requested")
+    return 0
+
+
+def device_local_only(args: argparse.Namespace) -> int:
+    """Verbs the device API does not offer (yet): only on the device itself."""
+    raise UsageError(f"device {args.verb}: the device API has no such command yet; "
+                     f"run it on the device: pvpy device {args.verb} --storage DIR")  # fmt: skip
+
+
+def device_add(args: argparse.Namespace) -> int:
+    from pvpy.devices import add_device, config_file
+
+    target = add_device(args.name, args.url, args.storage, args.token_file)
+    print(f"saved {target.describe()} in {config_file()}")
+    print(f"next: pvpy device status {args.name}  (or export PVPY_DEVICE={args.name})")
+    return 0
+
+
+def device_list(args: argparse.Namespace) -> int:
+    from pvpy.devices import load_devices
+
+    devices = load_devices()
+    default = os.environ.get("PVPY_DEVICE")
+    if args.quiet:
+        for name in sorted(devices):
+            print(name)
+    elif args.json:
+        for name, t in sorted(devices.items()):
+            print(json.dumps({"name": name, **t.to_dict(), "default": name == default}))
+    else:
+        rows = [[("* " if name == default else "  ") + name, t.url or f"--storage {t.storage}",
+                 str(t.token_file or "-")] for name, t in sorted(devices.items())]  # fmt: skip
+        print_table(["  NAME", "DEVICE", "TOKEN FILE"], rows)
+    return 0
+
+
+def device_remove(args: argparse.Namespace) -> int:
+    from pvpy.devices import remove_device
+
+    remove_device(args.name)
+    print(f"removed {args.name}")
     return 0
 
 
@@ -300,8 +398,19 @@ HANDLERS: dict[tuple[str, str], Callable[[argparse.Namespace], int]] = {
     ("state", "publish"): state_publish,
     ("device", "provision"): device_provision,
     ("device", "status"): device_status,
+    ("device", "history"): device_history,
     ("device", "push"): device_push,
+    ("device", "update"): device_push,
     ("device", "logs"): device_logs,
+    ("device", "restart"): device_command,
+    ("device", "reboot"): device_command,
+    ("device", "poweroff"): device_command,
+    ("device", "stop"): device_local_only,
+    ("device", "halt"): device_local_only,
+    ("device", "rollback"): device_local_only,
+    ("device", "add"): device_add,
+    ("device", "list"): device_list,
+    ("device", "remove"): device_remove,
     ("image", "build"): image_build,
     ("qemu", "run"): qemu_run,
 }

@@ -32,7 +32,7 @@ from typing import IO, Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 from pvpy._http import Readable, http_connection
-from pvpy._text import human_size
+from pvpy._text import Report, TestingTicker, human_size, rollback_advice
 from pvpy.errors import EXIT_REFUSED, RemoteError, UsageError, one_line
 
 REFUSED_KINDS = ("trust", "manifest", "store")  # the device refused the revision itself
@@ -261,10 +261,11 @@ class PushResult:
     changed: list[str]
 
 
-def upload(device: Device, signed_dir: Path, say: Callable[[str], None]) -> PushResult:
+def upload(device: Device, signed_dir: Path, say: Report) -> PushResult:
     """Send a signed revision: only the objects the device lacks, then the state.
 
-    Raises RemoteError (``exit_code`` 3 when the device refused the revision).
+    Raises RemoteError (``exit_code`` 3 when the device refused the revision; an
+    anti-rollback refusal says the number to build next).
     """
     from pvpy.state import parse_unverified
     from pvpy.trust import read_revision_dir
@@ -281,8 +282,10 @@ def upload(device: Device, signed_dir: Path, say: Callable[[str], None]) -> Push
         total = sum(refs[n].size for n in missing)
         say(
             f"revision {revision}: {len(refs)} object(s), {len(missing)} missing "
-            f"({human_size(total)})"
-        )
+            f"({human_size(total)})",
+            revision=revision, status="UPLOADING", objects=len(refs), missing=len(missing),
+            bytes=total,
+        )  # fmt: skip
         bar = ProgressBar(total)
         try:
             for i, name in enumerate(missing, 1):
@@ -298,25 +301,62 @@ def upload(device: Device, signed_dir: Path, say: Callable[[str], None]) -> Push
                 bar.object_done(i, len(missing), name, refs[name].size)
         finally:
             bar.close()
-        say(f"revision {revision}: sent {len(missing)} object(s), {human_size(bar.sent)}")
+        say(f"revision {revision}: sent {len(missing)} object(s), {human_size(bar.sent)}",
+            revision=revision, status="UPLOADED", sent_objects=len(missing),
+            sent_bytes=bar.sent)  # fmt: skip
         reply = device.call("POST", "/v1/revisions", body, timeout=900)
     except RemoteError as e:
         if e.kind not in REFUSED_KINDS:
             raise
+        reason = str(e)
+        if e.status == 409 and e.kind == "trust":  # anti-rollback (errors.ERRORS)
+            highest = _highest_installed(device)
+            if highest is not None:
+                reason = rollback_advice(revision, highest)
         # WONTGO whatever the reason: exits EXIT_REFUSED
         raise RemoteError(
-            f"the device refused revision {revision}: {e}", e.status, e.kind, refused=True
+            f"the device refused revision {revision}: {reason}", e.status, e.kind, refused=True
         ) from e
     return PushResult(revision, len(refs), len(missing), bar.sent, reply.get("kind"),
                       list(reply.get("changed") or []))  # fmt: skip
 
 
-def follow(device: Device, revision: int, timeout: float, say: Callable[[str], None]) -> int:
+def _highest_installed(device: Device) -> int | None:
+    """The highest revision the device ever installed (its anti-rollback floor)."""
+    try:
+        highest = device.call("GET", "/v1/revisions").get("highest")
+    except (RemoteError, AttributeError):
+        return None
+    return highest if isinstance(highest, int) else None
+
+
+def up_to_date(device: Device, signed_dir: Path) -> int | None:
+    """The revision in ``signed_dir`` when the device runs it already (same number, no
+    update under way, every object of it on the device), else None."""
+    from pvpy.errors import PvpyError
+    from pvpy.state import parse_unverified
+    from pvpy.trust import read_revision_dir
+
+    try:
+        state = parse_unverified(read_revision_dir(Path(signed_dir))[0])
+    except PvpyError:
+        return None  # the upload says what is wrong with it
+    status = device.call("GET", "/v1/status")
+    if status.get("revision") != state.revision or status.get("updating") is not None:
+        return None
+    names = sorted(state.objects())
+    if device.call("POST", "/v1/objects/missing", {"objects": names}).get("missing"):
+        return None
+    return state.revision
+
+
+def follow(device: Device, revision: int, timeout: float, say: Report) -> int:
     """Print a revision's progress until it ends: 0 UPDATED/DONE, 3 WONTGO/ERROR,
     1 still going at the timeout. A device that reboots (try-boot) is waited for."""
     deadline = time.monotonic() + timeout
     seen: tuple[Any, ...] | None = None
     away = False
+    ticker = TestingTicker(say)
     while time.monotonic() < deadline:
         try:
             record = device.call("GET", f"/v1/revisions/{revision}")
@@ -324,7 +364,8 @@ def follow(device: Device, revision: int, timeout: float, say: Callable[[str], N
             if e.status not in (0, 404, 503):
                 raise
             if e.status in (0, 503) and not away:
-                say(f"revision {revision}: device not answering (rebooting?), waiting")
+                say(f"revision {revision}: device not answering (rebooting?), waiting",
+                    revision=revision, status="UNREACHABLE")  # fmt: skip
             away = e.status in (0, 503)
             time.sleep(1.0)
             continue
@@ -334,32 +375,69 @@ def follow(device: Device, revision: int, timeout: float, say: Callable[[str], N
         if key != seen:
             seen = key
             pct = f" {record['percent']}%" if record.get("percent") is not None else ""
-            say(f"revision {revision}: {status}{pct} {record.get('reason') or ''}".rstrip())
+            say(f"revision {revision}: {status}{pct} {record.get('reason') or ''}".rstrip(),
+                **record)  # fmt: skip
+        ticker.record(record)
         if status in FINAL_GOOD:
             return 0
         if status in FINAL_BAD:
             return EXIT_REFUSED
         time.sleep(0.5)
-    say(f"revision {revision}: still {seen[0] if seen else 'unknown'} after {timeout:g}s")
+    state = seen[0] if seen else "unknown"
+    say(f"revision {revision}: still {state} after {timeout:g}s", revision=revision,
+        status=state, timed_out=True)  # fmt: skip
     return 1
 
 
 def push(
     device: Device, signed_dir: Path, timeout: float = 300, wait: bool = True,
-    say: Callable[[str], None] = print,
+    say: Report | None = None,
 ) -> int:  # fmt: skip
-    """``pvpy device push``: upload, apply, follow. Returns the exit code."""
+    """``pvpy device push``: upload, apply, follow; the revision the device runs
+    already is "up to date" (0). Returns the exit code."""
+    say = say or Report()
+    current = up_to_date(device, signed_dir)
+    if current is not None:
+        say(f"revision {current}: up to date (the device runs it)", revision=current,
+            status="UP-TO-DATE")  # fmt: skip
+        return 0
     result = upload(device, signed_dir, say)
     if result.kind:
         changed = f", restarting {', '.join(result.changed)}" if result.changed else ""
-        say(f"revision {result.revision}: {result.kind} update{changed}")
+        say(f"revision {result.revision}: {result.kind} update{changed}",
+            revision=result.revision, status="ACCEPTED", kind=result.kind,
+            changed=result.changed)  # fmt: skip
     else:  # the device classifies it once verified: the progress below tells
-        say(f"revision {result.revision}: accepted")
+        say(f"revision {result.revision}: accepted", revision=result.revision,
+            status="ACCEPTED")  # fmt: skip
     if not wait:
         return 0
     return follow(device, result.revision, timeout, say)
 
 
-def logs_path(container: str | None, tail: int, follow: bool) -> str:
-    where = f"/v1/logs/{quote(container, safe='')}" if container else "/v1/logs"
-    return f"{where}?tail={tail}&follow={int(follow)}"
+def logs_path(
+    containers: list[str] | str | None, tail: int, follow: bool, *, timestamps: bool = False,
+    since: str | None = None, until: str | None = None, as_json: bool = False,
+) -> str:  # fmt: skip
+    """The API path of a log request. ``since``/``until`` as on the command line
+    (``10m``, a time: ``pvpy.timespec``), sent as unix times.
+
+    Raises UsageError for a bad time, or for several containers (the API serves
+    one or all)."""
+    from pvpy.timespec import parse_when
+
+    if isinstance(containers, str):
+        containers = [containers]
+    if containers and len(containers) > 1:
+        raise UsageError("over the API: one container or all (several: --storage on the device)")
+    where = f"/v1/logs/{quote(containers[0], safe='')}" if containers else "/v1/logs"
+    query = f"?tail={tail}&follow={int(follow)}"
+    if timestamps:
+        query += "&timestamps=1"
+    if as_json:
+        query += "&format=json"
+    for name, text in (("since", since), ("until", until)):
+        at = parse_when(text, f"--{name}")
+        if at is not None:
+            query += f"&{name}={at:.3f}"
+    return where + query

@@ -121,6 +121,7 @@ def rearranged_harmlessly(device: Any, scope: str) -> None:
         ),
     )
     assert wait_for_text(device.storage / "logs" / "app.log", "up\nup")
+    assert device.container("app")["restarts"] == 1  # a restart asked for counts too
     assert device.stop() == 0
 
 
@@ -201,6 +202,7 @@ def test_apps_start_restart_and_update_after_an_app_rearranged_its_cgroups(
         for c in s["containers"]
     ))  # fmt: skip
     assert wait_for_text(device.storage / "logs" / "app.log", "up\nup")
+    assert device.container("app")["restarts"] == 1  # a restart asked for counts too
     assert "UPDATED" in pvpy("device", "update", rev2, "--storage", device.storage).stdout
     device.wait_goals()
     assert wait_for_text(device.storage / "logs" / "newapp.log", "new up")

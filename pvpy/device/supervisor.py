@@ -446,7 +446,9 @@ class Supervisor:
         """Stop ``name`` and start it again (PID 1's control server, ``pvpy device
         restart``). Raises KeyError for a container this revision does not have."""
         self.stop(name)
-        self.containers[name].restart_requested = True
+        m = self.containers[name]
+        m.restart_requested = True
+        m.total_restarts += 1  # what status shows: restarts asked for count too
 
     def release(self, *, remove_cgroups: bool) -> None:
         """After every container stopped: unmount their roots, close our fds, and

@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -702,6 +703,12 @@ def test_push_over_tcp_end_to_end(tmp_path: Path, sandbox: Any, signing_dir: Pat
     assert "running    3" in out.stdout and "steady" in out.stdout and "UPDATED" in out.stdout
     assert "running    3" in pvpy("device", "status", f"unix:{device.run_dir / 'api.sock'}").stdout
     assert "web v3" in pvpy("device", "logs", url, "web", "--token-file", token_file).stdout
+    # with the times each line was written, and a window: served by the API, not the client
+    timed = pvpy("device", "logs", url, "web", "-t", "--token-file", token_file).stdout
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\S* web v3$", timed, re.M), timed
+    after = pvpy("device", "logs", url, "web", "--since", "2099-01-01T00:00:00",
+                 "--token-file", token_file).stdout  # fmt: skip
+    assert "web v3" not in after
     assert "web| web v3" in pvpy("device", "logs", url, "--token-file", token_file,
                                  "-n", "5").stdout  # fmt: skip
     follower = subprocess.Popen(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pvpy import paths
 from pvpy.device import update as up
 from pvpy.device.api._limits import BIG_BODIES, CONTAINER_NAME, DIGITS, Limits
-from pvpy.device.api._logs import LogFiles
+from pvpy.device.api._logs import LogFiles, LogOptions
 from pvpy.device.api._pid1 import Control
 from pvpy.device.api._staging import Staging
 from pvpy.device.api._token import Token
@@ -219,7 +219,7 @@ def _serve_logs(h: Handler, name: str | None) -> None:
     known = name is None or (logs_dir / f"{name}.log").is_file()
     if not known and name not in {c.get("name") for c in h.api.containers()}:
         raise ApiError(404, f"no log of container {name!r}")
-    files = LogFiles(logs_dir, name)
+    files = LogFiles(logs_dir, name, LogOptions.from_query(h.query))
     if not follow:
         h.reply_text(files.tail(tail))
         return

@@ -35,13 +35,22 @@ and held to its signed size. A lying registry can withhold updates, never plant 
 
 Polling policy (``Puller.poll``): a tag whose revision is not newer than the
 highest the device ever installed is "nothing new", not an error, and records
-nothing. A manifest that failed is not tried again by this process (refused:
-never; a download or corruption failure: after ``retry_failed`` seconds), so a
-refused revision signed by the device's keys is recorded WONTGO once, not on every
-poll; unsigned or untrusted input leaves only a bounded note (``pvpy.device.update``
-keeps the last refusals), never a record under the number it claims. A failed download
-is recorded WONTGO, never ERROR: WONTGO does not use up the revision number
-(``pvpy.device.update.highest_revision``), so the next attempt may install it.
+nothing. A refused manifest is not looked at again by this process, nor is a
+small blob the registry got wrong (remembered by digest); a refused revision
+signed by the device's keys is recorded WONTGO once, not on every poll; unsigned
+or untrusted input leaves only a bounded note (``pvpy.device.update`` keeps the
+last refusals), never a record under the number it claims. Only a verified refusal
+is WONTGO (an object's bytes that do not hash to its name after a complete
+transfer: tried again after ``retry_failed``); a transfer that failed otherwise is
+ERROR, which uses up no revision number (``pvpy.device.update.highest_revision``),
+and is retried with backoff, resuming where it stopped (see ``pvpy.device.puller``).
+
+Auth (``Registry``): none is offered until the registry asks. Basic, or the token
+spec's bearer challenge: ``WWW-Authenticate: Bearer realm=...,service=...,scope=...``
+gets a token from the realm, anonymously when no credentials are given (public
+repositories), cached per scope (``repository:NAME:pull`` or ``pull,push``). Tested
+against docker-registry configured with ``auth: token`` and a token server in the
+tests (tests/test_registry.py).
 
 Errors: ``RegistryError`` (a PvpyError, exit 11) when the registry cannot be
 reached or answers with an error; the revision's own faults are the usual
@@ -50,23 +59,17 @@ TrustError, ManifestError and StoreError.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import http.client
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urljoin, urlsplit
 
-from pvpy._http import Readable
 from pvpy.errors import (
     ManifestError,
-    ObjectMissingError,
     RegistryError,
     UsageError,
-    one_line,
 )
 from pvpy.log import get_logger
 
@@ -86,7 +89,6 @@ ROLES = {"state": STATE_TYPE, "signature": SIGNATURE_TYPE, "keyset": KEYSET_TYPE
 
 MAX_MANIFEST = 4 << 20  # distribution's own limit for a manifest
 MAX_SMALL_BLOB = 16 << 20  # state, signature, key set (trust.MAX_STATE)
-MAX_REDIRECTS = 5
 
 # distribution-spec: repository name components and tags
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
@@ -151,222 +153,6 @@ def load_auth(path: Path) -> tuple[str, str]:
     return user, password
 
 
-def _origin(url: str) -> tuple[str, str, int]:
-    """Scheme, host and port of a URL (the port made explicit): who may see credentials."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    scheme = parts.scheme.lower()
-    return scheme, (parts.hostname or "").lower(), port or (443 if scheme == "https" else 80)
-
-
-# -- the distribution-spec client -------------------------------------------------------------
-
-
-class Registry:
-    """A small distribution-spec v2 client on http.client: blobs, uploads, manifests.
-
-    One connection per request. Basic auth when credentials are given (bearer
-    token challenges are not spoken yet). Blob GETs follow redirects (registries
-    with object storage send blobs from elsewhere, e.g. a CDN's signed URL), but
-    credentials go only to the registry itself (same scheme, host and port): a
-    redirect elsewhere is followed without them, and one from https to http is
-    refused (the bytes would be checked, but who asks for what would show).
-    """
-
-    def __init__(
-        self,
-        host: str,
-        plain_http: bool = False,
-        cacert: str | None = None,
-        auth: tuple[str, str] | None = None,
-        timeout: float = 30.0,
-    ) -> None:
-        self.host = host
-        self.base = f"{'http' if plain_http else 'https'}://{host}"
-        self.cacert = cacert
-        self.timeout = timeout
-        self.authorization = (
-            "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode() if auth else None
-        )
-        if cacert and plain_http:
-            raise UsageError("--cacert is for https registries")
-
-    def _connection(self, url: str, timeout: float) -> http.client.HTTPConnection:
-        parts = urlsplit(url)
-        if not parts.hostname:
-            raise RegistryError(f"{url}: no host")
-        if parts.scheme not in ("http", "https"):
-            raise RegistryError(f"{url}: not an http(s) URL")
-        from pvpy._http import http_connection
-
-        return http_connection(parts.hostname, parts.port, parts.scheme == "https",
-                               self.cacert, timeout)  # fmt: skip
-
-    def open(
-        self,
-        method: str,
-        url: str,
-        body: bytes | Readable | None = None,
-        headers: dict[str, str] | None = None,
-        ok: tuple[int, ...] = (200,),
-        redirects: int = 0,
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send a request to a path (of this registry) or a URL; return the connection
-        (caller closes) and the response. Raises RegistryError unless its status is in
-        ``ok`` (after following up to ``redirects`` redirects)."""
-        url = urljoin(self.base + "/", url)
-        if urlsplit(self.base).scheme == "https" and urlsplit(url).scheme != "https":
-            raise RegistryError(f"{self.base}: refused to go from https to "
-                                f"{urlsplit(url).scheme}://{urlsplit(url).netloc}")  # fmt: skip
-        conn = self._connection(url, self.timeout)
-        # Credentials only to the registry's own origin: never to a CDN a blob redirects
-        # to, nor in clear text (a Location may name http:// on the same host).
-        own = _origin(url) == _origin(self.base)
-        hdrs = {k: v for k, v in (headers or {}).items() if own or k.lower() != "authorization"}
-        if self.authorization and own:
-            hdrs["Authorization"] = self.authorization
-        if isinstance(body, bytes):
-            hdrs.setdefault("Content-Length", str(len(body)))
-        parts = urlsplit(url)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        log.debug("registry request", method=method, url=url)
-        try:
-            conn.request(method, target, body=body, headers=hdrs)
-            response = conn.getresponse()
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or "timeout"
-            raise RegistryError(f"{self.base}: cannot reach the registry ({reason})") from e
-        location = response.getheader("Location")
-        if response.status in (301, 302, 303, 307, 308) and redirects > 0 and location:
-            conn.close()
-            return self.open(method, urljoin(url, location), None, headers, ok, redirects - 1)
-        if response.status not in ok:
-            try:
-                data = response.read(65536) if method != "HEAD" else b""
-            except (OSError, http.client.HTTPException):
-                data = b""
-            finally:
-                conn.close()
-            raise _error_from(f"{method} {parts.path}", response.status, data)
-        return conn, response
-
-    def call(self, method: str, url: str, body: bytes | Readable | None = None,
-             headers: dict[str, str] | None = None, ok: tuple[int, ...] = (200,),
-             ) -> http.client.HTTPResponse:  # fmt: skip
-        """A request whose reply body does not matter (read and dropped)."""
-        conn, response = self.open(method, url, body, headers, ok)
-        try:
-            if method != "HEAD":
-                response.read(65536)
-        except (OSError, http.client.HTTPException) as e:
-            raise RegistryError(f"{self.base}: the registry stopped answering ({e})") from e
-        finally:
-            conn.close()
-        return response
-
-    # blobs
-
-    def has_blob(self, repo: str, digest: str) -> bool:
-        response = self.call("HEAD", f"/v2/{repo}/blobs/{digest}", ok=(200, 404))
-        return response.status == 200
-
-    def upload_blob(self, repo: str, digest: str, size: int, body: bytes | Readable) -> None:
-        """Monolithic upload: POST a session, PUT the bytes with ``?digest=`` (the
-        registry checks the digest and refuses bytes that do not match)."""
-        response = self.call("POST", f"/v2/{repo}/blobs/uploads/", ok=(202,))
-        location = response.getheader("Location")
-        if not location:
-            raise RegistryError(f"{self.base}: upload session without a Location")
-        sep = "&" if "?" in location else "?"
-        self.call("PUT", f"{location}{sep}{urlencode({'digest': digest})}", body,
-                  {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-                  ok=(201,))  # fmt: skip
-
-    def open_blob(self, repo: str, digest: str) -> BlobStream:
-        conn, response = self.open("GET", f"/v2/{repo}/blobs/{digest}", redirects=MAX_REDIRECTS)
-        return BlobStream(conn, response, digest)
-
-    def read_blob(self, repo: str, digest: str, max_size: int) -> bytes:
-        """A small blob, whole, its digest checked. Raises RegistryError."""
-        with self.open_blob(repo, digest) as f:
-            data = f.read(max_size + 1)
-        if len(data) > max_size:
-            raise RegistryError(f"blob {digest} is larger than {max_size} bytes")
-        if digest_of(data) != digest:
-            raise RegistryError(f"blob {digest}: the registry sent other bytes")
-        return data
-
-    # manifests
-
-    def put_manifest(self, repo: str, reference: str, data: bytes) -> None:
-        self.call("PUT", f"/v2/{repo}/manifests/{reference}", data,
-                  {"Content-Type": MANIFEST_TYPE}, ok=(201,))  # fmt: skip
-
-    def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str]:
-        """The manifest's bytes and digest (unverified). Raises RegistryError."""
-        conn, response = self.open("GET", f"/v2/{repo}/manifests/{reference}",
-                                   headers={"Accept": MANIFEST_TYPE})  # fmt: skip
-        try:
-            data = response.read(MAX_MANIFEST + 1)
-        except (OSError, http.client.HTTPException) as e:
-            raise RegistryError(f"{self.base}: the registry stopped answering ({e})") from e
-        finally:
-            conn.close()
-        if len(data) > MAX_MANIFEST:
-            raise RegistryError(f"{repo}:{reference}: manifest larger than {MAX_MANIFEST} bytes")
-        return data, digest_of(data)
-
-
-class BlobStream:
-    """A blob being downloaded; read errors become ObjectMissingError.
-
-    ``install_verified`` records WONTGO for it (the revision is not at fault, but
-    its number is not used up either: a later poll tries again).
-    """
-
-    stop_requested = False  # set by SIGTERM: end a download cleanly, recorded, retried later
-
-    def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
-                 digest: str) -> None:  # fmt: skip
-        self.conn = conn
-        self.response = response
-        self.digest = digest
-
-    def read(self, n: int = -1) -> bytes:
-        if BlobStream.stop_requested:
-            raise ObjectMissingError(f"download of {self.digest} stopped (SIGTERM)")
-        try:
-            return self.response.read(n) if n >= 0 else self.response.read()
-        except (OSError, http.client.HTTPException) as e:
-            raise ObjectMissingError(f"download of {self.digest} broke ({e or 'timeout'})") from e
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def __enter__(self) -> BlobStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _error_from(what: str, status: int, data: bytes) -> RegistryError:
-    """distribution's {"errors": [{"code", "message"}]} in one line."""
-    try:
-        first = json.loads(data)["errors"][0]
-        reason = f"{first['code']}: {first.get('message', '')}".strip().rstrip(":")
-    except (ValueError, KeyError, IndexError, TypeError):
-        text = data.decode(errors="replace").strip()
-        reason = one_line(text.splitlines()[0], 200) if text else ""
-    if status == 401:
-        reason = reason or "authentication required"
-    return RegistryError(f"{what}: {status} {reason}".rstrip(), status)
-
-
 @dataclass(frozen=True)
 class UnverifiedRevision:
     """What a manifest points at: the bytes ``verify_incoming`` will judge."""
@@ -414,3 +200,12 @@ def unverified_revision_number(state: bytes) -> int | None:
         return None
     revision = doc.get("revision") if isinstance(doc, dict) else None
     return revision if isinstance(revision, int) and not isinstance(revision, bool) else None
+
+
+def __getattr__(name: str) -> Any:
+    """The client moved to ``pvpy.registry``: ``from pvpy.oci import Registry`` still works."""
+    if name in ("Registry", "BlobStream", "BlobRefusedError"):
+        from pvpy import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

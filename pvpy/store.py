@@ -4,6 +4,7 @@ Layout of a storage root (the device's /storage, or a workstation revision dir):
 
     objects/<sha256>          immutable blobs, named by the sha256 of their bytes
     objects/.tmp/             writes in flight; never read, emptied by clean_temp()
+    objects/.partial/<sha256> a download so far (resumable); hashed whole before use
     trails/<rev>/state.json   a revision's signed state (+ state.sig.json)
     trails/<rev>/boot.env     its BSP objects for the boot script (pv_kernel=<sha256>, ...)
 
@@ -13,7 +14,9 @@ to complete bytes or does not exist. An object is trusted only after its hash
 was checked (``verify``/``read_verified``); a name that is not 64 lowercase hex
 digits is refused before it reaches the filesystem, so no path traversal.
 
-Raises StoreError subclasses; OSError is translated here and nowhere else.
+Raises StoreError subclasses; OSError is translated here and nowhere else. The module
+is longer than 500 lines because of that: every layout on disk lives here (objects,
+partial downloads, trails).
 """
 
 from __future__ import annotations
@@ -97,6 +100,31 @@ def _os_error(what: str, e: OSError) -> StoreError:
     if e.errno == errno.ENOSPC:
         return StoreError(f"{what}: no space left on device")
     return StoreError(f"{what}: {e.strerror or e}")
+
+
+def _mark_in_flight(fd: int) -> None:
+    """Mark a temp file as being written: an flock held until its writer closes it
+    (or dies), so ``clean_temp`` in another process leaves it alone."""
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _in_flight(path: str) -> bool:
+    """True when a writer holds the temp file's flock (``_mark_in_flight``)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # a symlink, or gone: no writer of ours
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def fsync_dir(path: Path) -> None:
@@ -205,6 +233,7 @@ class ObjectStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
             try:
+                _mark_in_flight(fd)
                 while chunk := stream.read(CHUNK):
                     written += len(chunk)
                     if max_size is not None and written > max_size:
@@ -281,14 +310,90 @@ class ObjectStore:
             self.path(name).unlink()
 
     def clean_temp(self) -> int:
-        """Drop writes a crash left behind. Returns how many."""
+        """Drop writes a crash left behind, never one in flight in another process
+        (``_mark_in_flight``: an API upload, a pull). Returns how many."""
         count = 0
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.tmp):
                 with contextlib.suppress(OSError):
+                    if _in_flight(entry.path):
+                        continue
                     os.unlink(entry.path)
                     count += 1
         return count
+
+    # Partial downloads (the registry puller): objects/.partial/<sha256>, the bytes of an
+    # object received so far, kept across restarts so a transfer resumes where it
+    # stopped (HTTP Range). Never read as an object: only ``adopt_partial`` makes one,
+    # after hashing it whole. Not touched by clean_temp; ``drop_partials`` bounds them.
+
+    def partial_path(self, name: str) -> Path:
+        return self.root / ".partial" / check_name(name)
+
+    def partial_size(self, name: str) -> int:
+        """Bytes of ``name`` already received (0: none)."""
+        try:
+            return self.partial_path(name).stat().st_size
+        except OSError:
+            return 0
+
+    def append_partial(self, name: str, stream: BinaryIO, offset: int, max_size: int) -> int:
+        """Write ``stream`` into the partial of ``name`` from byte ``offset`` (what was
+        there beyond it is dropped) until the stream ends; what arrived is kept (fsynced)
+        even when reading fails. Returns the partial's size. Raises StoreError (disk
+        full; ObjectCorruptError past ``max_size``); the stream's own errors pass through."""
+        path = self.partial_path(name)
+        written = offset
+        try:
+            path.parent.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                os.ftruncate(fd, offset)
+                os.lseek(fd, offset, os.SEEK_SET)
+                try:
+                    while chunk := stream.read(CHUNK):
+                        if written + len(chunk) > max_size:
+                            raise ObjectCorruptError(
+                                f"object larger than the expected {max_size} bytes"
+                            )
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                        written += len(chunk)
+                finally:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise _os_error("store object", e) from e
+        return written
+
+    def adopt_partial(self, name: str, size: int) -> None:
+        """A complete partial becomes the object ``name`` once it hashes to it; else it
+        is removed and ObjectCorruptError raised. Raises StoreError."""
+        path = self.partial_path(name)
+        try:
+            actual = self.partial_size(name)
+            got = sha256_file(path) if actual == size else None
+            if got != name:
+                path.unlink()
+                what = f"hash to {got}" if got else f"are {actual} bytes, not {size}"
+                raise ObjectCorruptError(f"object {name}: the bytes received {what}")
+            os.replace(path, self.root / name)
+            fsync_dir(self.root)
+        except FileNotFoundError as e:
+            raise ObjectMissingError(f"object {name}: nothing received") from e
+        except OSError as e:
+            raise _os_error("store object", e) from e
+
+    def drop_partials(self, keep: Iterable[str] = ()) -> None:
+        """Remove the partial downloads not named in ``keep``."""
+        wanted = set(keep)
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.root / ".partial"):
+                if entry.name not in wanted:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
 
     def gc(self, keep: Iterable[str]) -> list[str]:
         """Remove every object not in ``keep``; return the removed names."""

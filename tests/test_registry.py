@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from pvpy import oci as reg
-from pvpy.errors import UsageError
+from pvpy.errors import RegistryError, UsageError
+from pvpy.registry import Registry
 from pvpy.signing import SigningKey, generate_key
 from pvpy.workstation import publish as pub
 from tests.conftest import write_revision
@@ -43,7 +44,7 @@ from tests.device import (
 class RegistryProcess:
     """`docker-registry serve CONFIG` on 127.0.0.1:<port>, storage under ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, auth: str = "") -> None:
         self.root = root
         self.port = free_port()
         self.data = root / "data"
@@ -55,7 +56,7 @@ class RegistryProcess:
             "version: 0.1\n"
             "log: {level: info}\n"
             f"storage: {{filesystem: {{rootdirectory: {self.data}}}, delete: {{enabled: true}}}}\n"
-            f"http: {{addr: '127.0.0.1:{self.port}'}}\n"
+            f"http: {{addr: '127.0.0.1:{self.port}'}}\n" + auth
         )
 
     @property
@@ -72,7 +73,7 @@ class RegistryProcess:
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 conn.request("GET", "/v2/")
-                if conn.getresponse().status == 200:
+                if conn.getresponse().status in (200, 401):  # 401: it wants a token
                     return self
             except OSError:
                 pass
@@ -94,7 +95,7 @@ class RegistryProcess:
         return self.data / "docker/registry/v2/blobs/sha256" / hexa[:2] / hexa / "data"
 
     def manifest(self, repo: str, tag: str) -> dict[str, Any]:
-        client = reg.Registry(self.host, plain_http=True)
+        client = Registry(self.host, plain_http=True)
         data, _ = client.get_manifest(repo, tag)
         doc: dict[str, Any] = json.loads(data)
         return doc
@@ -141,7 +142,7 @@ def test_publish_sends_only_missing_blobs(
     shared, old, new = b"shared rootfs " * 1000, b"app r1 " * 500, b"app r2 " * 700
     r1 = write_revision(tmp_path / "r1", 1, [key], {"base": shared, "app": old})
     r2 = write_revision(tmp_path / "r2", 2, [key], {"base": shared, "app": new})
-    client = reg.Registry(registry.host, plain_http=True)
+    client = Registry(registry.host, plain_http=True)
     ref = reg.Reference.parse(f"{registry.host}/fleet/demo:stable")
     lines: list[str] = []
 
@@ -181,7 +182,7 @@ def test_publish_sends_only_missing_blobs(
     # bytes that do not hash to their name: the registry itself refuses them
     bad = write_revision(tmp_path / "bad", 3, [key], {"app": b"good bytes"})
     (bad / "objects" / sha(b"good bytes")).write_bytes(b"evil bytes")
-    with pytest.raises(reg.RegistryError, match="DIGEST_INVALID"):
+    with pytest.raises(RegistryError, match="DIGEST_INVALID"):
         pub.publish(client, ref, bad, say=lines.append)
     assert registry.manifest("fleet/demo", "stable")["annotations"]["org.pvpy.revision"] == "2"
     # the CLI: same thing, exit 0; a registry that is not there: exit 11
@@ -205,9 +206,9 @@ def test_manifests_that_are_not_revisions() -> None:
         {"layers": 1},
         {**doc, "layers": [{**doc["layers"][0], "digest": "sha256:../../x"}, doc["layers"][1]]},
     ):
-        with pytest.raises(reg.RegistryError, match="not a pvpy revision"):
+        with pytest.raises(RegistryError, match="not a pvpy revision"):
             reg.parse_manifest_unverified(json.dumps(broken).encode())
-    with pytest.raises(reg.RegistryError):
+    with pytest.raises(RegistryError):
         reg.parse_manifest_unverified(b"\xff")
 
 
@@ -417,7 +418,7 @@ def _serve(seen: _Seen, answer: Any, tls: Any = None) -> tuple[Any, int]:
         def do_GET(self) -> None:
             scheme = "https" if tls is not None and hasattr(self.connection, "cipher") else "http"
             seen.requests.append((scheme, self.path, self.headers.get("Authorization")))
-            status, headers, body = answer(scheme, self.path)
+            status, headers, body = answer(scheme, self.path, self.headers.get("Authorization"))
             self.send_response(status)
             for name, value in {**headers, "Content-Length": str(len(body))}.items():
                 self.send_header(name, value)
@@ -446,16 +447,18 @@ def test_blob_redirects_to_another_host_carry_no_credentials() -> None:
     blob = b"blob bytes from the cdn"
     digest = reg.digest_of(blob)
     cdn_seen, registry_seen = _Seen(), _Seen()
-    cdn, cdn_port = _serve(cdn_seen, lambda scheme, path: (200, {}, blob))
-    registry, port = _serve(registry_seen, lambda scheme, path: (
-        307, {"Location": f"http://localhost:{cdn_port}/signed?x=1"}, b""))  # fmt: skip
+    cdn, cdn_port = _serve(cdn_seen, lambda scheme, path, auth: (200, {}, blob))
+    registry, port = _serve(registry_seen, lambda scheme, path, auth: (
+        (401, {"WWW-Authenticate": 'Basic realm="registry"'}, b"") if auth is None else
+        (307, {"Location": f"http://localhost:{cdn_port}/signed?x=1"}, b"")))  # fmt: skip
     try:
-        client = reg.Registry(f"127.0.0.1:{port}", plain_http=True, auth=("user", "secret"))
+        client = Registry(f"127.0.0.1:{port}", plain_http=True, auth=("user", "secret"))
         assert client.read_blob("repo", digest, 1000) == blob
     finally:
         cdn.shutdown()
         registry.shutdown()
-    assert registry_seen.requests[0][2] is not None  # the registry itself gets them
+    # asked for them, the registry itself gets them
+    assert [auth is not None for _, _, auth in registry_seen.requests] == [False, True]
     assert cdn_seen.requests == [("http", "/signed?x=1", None)]
 
 
@@ -472,13 +475,13 @@ def test_credentials_never_follow_a_redirect_from_https_to_http(tmp_path: Path) 
     blob = b"blob"
     seen = _Seen()
     holder: dict[str, int] = {}
-    server, port = _serve(seen, lambda scheme, path: (
+    server, port = _serve(seen, lambda scheme, path, auth: (
         (307, {"Location": f"http://127.0.0.1:{holder['port']}/plain"}, b"")
         if scheme == "https" else (200, {}, blob)), tls=context)  # fmt: skip
     holder["port"] = port
     try:
-        client = reg.Registry(f"127.0.0.1:{port}", cacert=str(cert), auth=("user", "secret"))
-        with pytest.raises(reg.RegistryError, match="https to http"):
+        client = Registry(f"127.0.0.1:{port}", cacert=str(cert), auth=("user", "secret"))
+        with pytest.raises(RegistryError, match="https to http"):
             client.read_blob("repo", reg.digest_of(blob), 1000)
     finally:
         server.shutdown()
@@ -563,7 +566,7 @@ def test_key_rotation_and_fleet_binding_on_a_device(
     assert (storage / "trust" / "keys-v1-rev2.json").read_bytes() == keyset.read_bytes()
     # revision 1, signed by the old key and installed before the rotation, still runs
     out = pvpy("device", "rollback", "--storage", storage, timeout=120)
-    assert "rolling back to revision 1" in out.stdout
+    assert "rolling back" in out.stdout and "to revision 1" in out.stdout
     assert device.wait_goals()["revision"] == 1
 
     # signed only by the rotated-out key: refused everywhere, nothing installed
@@ -591,3 +594,249 @@ def test_key_rotation_and_fleet_binding_on_a_device(
     device.wait_for("the reboot", lambda s: s["uptime"] < uptime, 60)
     status = device.wait_goals(60)
     assert status["revision"] == 3 and status["committed"] == 3
+
+
+# -- token auth (Debian's docker-registry, a small token server of ours) -------------------
+
+
+class TokenServer:
+    """The token spec's server: GET /token?service=&scope= with optional Basic auth.
+
+    ``user``:``password`` get pull and push anywhere; anyone gets pull on ``public/*``.
+    Tokens are RS256 JWTs whose x5c names a self-signed certificate the registry
+    trusts (its ``rootcertbundle``). Logs (path, whether Basic auth came)."""
+
+    def __init__(self, root: Path, user: str = "ci", password: str = "s3cret") -> None:
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.user, self.password = user, password
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pvpy test token issuer")])
+        now = dt.datetime.now(dt.UTC)
+        self.cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(self.key, hashes.SHA256())
+        )  # fmt: skip
+        root.mkdir(parents=True, exist_ok=True)
+        self.bundle = root / "token-ca.pem"
+        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        self.seen: list[tuple[str, bool]] = []
+        self.server: Any = None
+        self.port = 0
+
+    def registry_config(self) -> str:
+        return (
+            "auth: {token: {"
+            f"realm: 'http://127.0.0.1:{self.port}/token', service: pvpy-registry, "
+            f"issuer: pvpy-tests, rootcertbundle: '{self.bundle}'}}}}\n"
+        )
+
+    def token(self, subject: str, access: list[dict[str, Any]]) -> str:
+        import base64
+        import os
+
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        der = self.cert.public_bytes(serialization.Encoding.DER)
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
+        now = int(time.time())
+        claims = {"iss": "pvpy-tests", "sub": subject, "aud": "pvpy-registry", "exp": now + 300,
+                  "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(), "access": access}  # fmt: skip
+        signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{b64(signature)}"
+
+    def answer(self, path: str, authorization: str | None) -> tuple[int, bytes]:
+        import base64
+        from urllib.parse import parse_qs, urlsplit
+
+        self.seen.append((path, authorization is not None))
+        query = parse_qs(urlsplit(path).query)
+        subject = "anonymous"
+        if authorization is not None:
+            scheme, _, value = authorization.partition(" ")
+            given = base64.b64decode(value).decode() if scheme == "Basic" else ""
+            if given != f"{self.user}:{self.password}":
+                return 401, b'{"details": "wrong user or password"}'
+            subject = self.user
+        access = []
+        for scope in query.get("scope", []):
+            kind, name, actions = scope.split(":")
+            allowed = actions.split(",") if subject == self.user else (
+                ["pull"] if name.startswith("public/") and "pull" in actions else [])  # fmt: skip
+            access.append({"type": kind, "name": name, "actions": allowed})
+        return 200, json.dumps({"token": self.token(subject, access), "expires_in": 300}).encode()
+
+    def start(self) -> TokenServer:
+        self.server, self.port = _serve(_Seen(), lambda scheme, path, auth: self._reply(path, auth))
+        return self
+
+    def _reply(self, path: str, auth: str | None) -> tuple[int, dict[str, str], bytes]:
+        status, body = self.answer(path, auth)
+        return status, {"Content-Type": "application/json"}, body
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+@pytest.fixture
+def token_registry(tmp_path: Path) -> Iterator[tuple[RegistryProcess, TokenServer]]:
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry not installed (tools/setup installs it)")
+    tokens = TokenServer(tmp_path / "tokens").start()
+    server = RegistryProcess(tmp_path / "registry", auth=tokens.registry_config()).start()
+    try:
+        yield server, tokens
+    finally:
+        server.stop()
+        tokens.stop()
+
+
+def test_bearer_token_auth_for_publish_and_pull(
+    tmp_path: Path, key: SigningKey, token_registry: tuple[RegistryProcess, TokenServer]
+) -> None:
+    """docker-registry with token auth: publish needs the credentials (they go to the
+    token server, never to the registry); a public repository pulls anonymously, a
+    private one only with them; a wrong password is a clear one-line error."""
+    registry, tokens = token_registry
+    rev = write_revision(tmp_path / "r1", 1, [key], {"app": b"app bytes " * 100})
+    auth = tmp_path / "auth"
+    auth.write_text(f"{tokens.user}:{tokens.password}\n")
+    auth.chmod(0o600)
+    for repo in ("public/demo", "fleet/private"):
+        ref = reg.Reference.parse(f"{registry.host}/{repo}:stable")
+        # anonymous: the token server grants no push
+        with pytest.raises(RegistryError, match="401"):
+            pub.publish(Registry(registry.host, plain_http=True), ref, rev, say=lambda s: None)
+        client = Registry(registry.host, plain_http=True, auth=reg.load_auth(auth))
+        result = pub.publish(client, ref, rev, say=lambda s: None)
+        assert result.sent_blobs == 4
+    assert all(with_auth for path, with_auth in tokens.seen[-2:])
+    # one token per scope, not one per request
+    assert len(tokens.seen) < 10, tokens.seen
+
+    # public: no credentials needed; the blob verified
+    anonymous = Registry(registry.host, plain_http=True)
+    data, digest = anonymous.get_manifest("public/demo", "stable")
+    state = json.loads(data)["layers"][0]["digest"]
+    assert anonymous.read_blob("public/demo", state, 1 << 20) == (rev / "state.json").read_bytes()
+    assert not tokens.seen[-1][1]  # asked anonymously
+    # private: refused without credentials, served with them
+    with pytest.raises(RegistryError, match="401"):
+        anonymous.get_manifest("fleet/private", "stable")
+    client = Registry(registry.host, plain_http=True, auth=reg.load_auth(auth))
+    assert client.get_manifest("fleet/private", "stable")[1] == digest
+    # a wrong password: the token server says no, in one line
+    wrong = Registry(registry.host, plain_http=True, auth=("ci", "wrong"))
+    with pytest.raises(RegistryError, match=r"token from .*: 401") as e:
+        wrong.get_manifest("fleet/private", "stable")
+    assert "wrong" not in str(e.value).replace("wrong user", "")
+    # the CLI: --auth-file for publish, exit 11 without
+    out = pvpy("state", "publish", rev, f"{registry.host}/fleet/cli:stable", "--plain-http",
+               "--auth-file", auth)  # fmt: skip
+    assert "sent 4 blob(s)" in out.stdout
+    out = pvpy("state", "publish", rev, f"{registry.host}/fleet/cli2:stable", "--plain-http",
+               check=False)  # fmt: skip
+    assert out.returncode == 11 and "401" in out.stderr, out.stderr
+
+
+def test_bearer_tokens_stay_home(tmp_path: Path) -> None:
+    """A token (like a password) goes to the registry only: a blob redirected to a CDN
+    goes without it; a realm over plain http for an https registry is refused."""
+    blob = b"blob bytes from the cdn"
+    digest = reg.digest_of(blob)
+    cdn_seen, registry_seen, token_seen = _Seen(), _Seen(), _Seen()
+    cdn, cdn_port = _serve(cdn_seen, lambda scheme, path, auth: (200, {}, blob))
+    token, token_port = _serve(token_seen, lambda scheme, path, auth: (
+        200, {}, b'{"token": "t0k3n", "expires_in": 60}'))  # fmt: skip
+    realm = f'Bearer realm="http://127.0.0.1:{token_port}/token",service="reg",scope="x"'
+    registry, port = _serve(registry_seen, lambda scheme, path, auth: (
+        (401, {"WWW-Authenticate": realm}, b"") if auth != "Bearer t0k3n" else
+        (307, {"Location": f"http://localhost:{cdn_port}/signed?x=1"}, b"")))  # fmt: skip
+    try:
+        client = Registry(f"127.0.0.1:{port}", plain_http=True, auth=("user", "secret"))
+        assert client.read_blob("repo", digest, 1000) == blob
+    finally:
+        for server in (cdn, token, registry):
+            server.shutdown()
+    assert [auth for _, _, auth in registry_seen.requests] == [None, "Bearer t0k3n"]
+    assert token_seen.requests[0][1] == "/token?service=reg&scope=x"
+    assert token_seen.requests[0][2] is not None  # same host as a plain-http registry
+    assert cdn_seen.requests == [("http", "/signed?x=1", None)]
+    # https registry, http realm: refused before anything is sent there
+    import ssl
+
+    from tests.test_api import self_signed
+
+    cert, keyfile = self_signed(tmp_path / "tls")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, keyfile)
+    token_seen.requests.clear()
+    token, token_port = _serve(token_seen, lambda scheme, path, auth: (200, {}, b"{}"))
+    realm = f'Bearer realm="http://127.0.0.1:{token_port}/token",service="reg"'
+    tls_seen = _Seen()
+    server, port = _serve(tls_seen, lambda scheme, path, auth: (
+        401, {"WWW-Authenticate": realm}, b""), tls=context)  # fmt: skip
+    try:
+        client = Registry(f"127.0.0.1:{port}", cacert=str(cert), auth=("user", "secret"))
+        with pytest.raises(RegistryError, match="token realm over plain http"):
+            client.read_blob("repo", digest, 1000)
+    finally:
+        server.shutdown()
+        token.shutdown()
+    assert token_seen.requests == []
+
+
+@pytest.mark.root
+def test_device_pulls_from_a_token_auth_registry(
+    tmp_path: Path, sandbox: Any, signing_dir: Path,
+    token_registry: tuple[RegistryProcess, TokenServer],
+) -> None:  # fmt: skip
+    """`pvpy device pull` with STORAGE/config/registry-auth (0600) from a private
+    repository; from a public one with no credentials at all."""
+    registry, tokens = token_registry
+    base = {"hostos": HOSTOS, "steady": app(IDLE)}
+    v1 = build_revision(tmp_path, signing_dir, 1, {**base, "web": app("echo web v1; " + IDLE)})
+    v2 = build_revision(tmp_path, signing_dir, 2, {**base, "web": variant(tmp_path, "v2", IDLE)})
+    v3 = build_revision(tmp_path, signing_dir, 3, {**base, "web": variant(tmp_path, "v3", IDLE)})
+    auth = tmp_path / "ci-auth"
+    auth.write_text(f"{tokens.user}:{tokens.password}\n")
+    auth.chmod(0o600)
+    private, public = f"{registry.host}/fleet/private:stable", f"{registry.host}/public/demo:stable"
+    pvpy("state", "publish", v2, private, "--plain-http", "--auth-file", auth)
+    pvpy("state", "publish", v3, public, "--plain-http", "--auth-file", auth)
+    device: SandboxDevice = sandbox(v1, *COMMIT)
+    device.wait_goals()
+
+    def pull(tag: str) -> subprocess.CompletedProcess[str]:
+        return pvpy("device", "pull", "--storage", device.storage, "--run-dir", device.run_dir,
+                    "--from", tag, "--plain-http", "--once", check=False, timeout=120)  # fmt: skip
+
+    out = pull(private)
+    assert out.returncode == 10 and "401" in out.stdout, out.stdout + out.stderr
+    device_auth = device.storage / "config" / "registry-auth"
+    device_auth.write_text(f"{tokens.user}:{tokens.password}\n")
+    device_auth.chmod(0o600)
+    before = len(tokens.seen)
+    out = pull(private)
+    assert out.returncode == 0 and "revision 2: UPDATED" in out.stdout, out.stdout + out.stderr
+    assert tokens.seen[before:] and all(with_auth for _, with_auth in tokens.seen[before:])
+    device_auth.unlink()
+    before = len(tokens.seen)
+    out = pull(public)
+    assert out.returncode == 0 and "revision 3: UPDATED" in out.stdout, out.stdout + out.stderr
+    assert tokens.seen[before:] and not any(with_auth for _, with_auth in tokens.seen[before:])
+    assert device.status()["revision"] == 3

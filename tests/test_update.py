@@ -578,7 +578,7 @@ def test_app_update_rollback_and_reboot_update(
 
     # user rollback: to the newest good revision before the running one
     result = pvpy("device", "rollback", "--storage", device.storage, timeout=120)
-    assert "rolling back to revision 2" in result.stdout
+    assert "rolling back from revision" in result.stdout and "to revision 2" in result.stdout
     rolled = device.wait_goals()
     assert rolled["revision"] == 2 and rolled["committed"] == 2
 

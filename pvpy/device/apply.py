@@ -76,6 +76,18 @@ class Applier:
         self.gc_retry_at = now + GC_RETRY if owed is None else None
         self.gc_owed = owed or set()
 
+    def gc_now(self) -> dict[str, Any]:
+        """GC on request (``pvpy device gc``): only between updates, as after a commit."""
+        if self.update is not None:
+            return {"ok": False, "error": f"update to {self.update.revision} in progress"}
+        if self.host.shutdown_pending or self.host.supervisor is None:
+            return {"ok": False, "error": "device is not running a revision"}
+        outcome = run_gc(self.host)
+        if outcome.get("ok"):
+            self.gc_retry_at = None
+            self.gc_owed = set(outcome["kept_in_use"])
+        return outcome
+
     def next_deadline(self) -> float | None:
         """When ``check`` must run although nothing else happens: the commit delay
         or the commit timeout running out, a deferred GC (PID 1's loop sleeps until then)."""
@@ -416,7 +428,17 @@ def _try_install_lock(storage: Path) -> int | None:
 def collect_garbage(host: ApplyHost) -> set[int] | None:
     """Remove every unpinned revision and unreferenced object; returns the revisions
     kept only because running containers still use their disks (GC owed), or None
-    when a revision is being staged (GC deferred: see below).
+    when a revision is being staged (GC deferred: see ``run_gc``)."""
+    outcome = run_gc(host)
+    if outcome.get("deferred"):
+        return None
+    return set(outcome.get("kept_in_use", ()))
+
+
+def run_gc(host: ApplyHost) -> dict[str, Any]:
+    """One GC; the reply of the control request "gc": ``ok``, and ``removed``
+    (revisions), ``objects``, ``freed`` (bytes), ``pinned``, ``kept_in_use``
+    (revisions kept only for running containers' disks), or ``deferred``/``error``.
 
     Staging (``pvpy device update``, the API, the puller: other processes) puts
     objects into the store before the trail that names them exists; a GC in
@@ -430,10 +452,10 @@ def collect_garbage(host: ApplyHost) -> set[int] | None:
         lock = _try_install_lock(Path(host.storage))
     except OSError as e:
         log.warning("gc: install lock unavailable; nothing removed", error=str(e))
-        return set()
+        return {"ok": False, "error": f"install lock unavailable: {e}"}
     if lock is None:
         log.info("gc deferred: a revision is being staged")
-        return None
+        return {"ok": False, "deferred": True, "error": "a revision is being staged"}
     try:
         pins = pinned_revisions(host)
         in_use = revisions_in_use(host)
@@ -444,7 +466,9 @@ def collect_garbage(host: ApplyHost) -> set[int] | None:
         up.persist_point("gc:done")
     except Exception as e:
         log.warning("gc failed; nothing removed", error=str(e))
-        return set()
+        return {"ok": False, "error": f"gc failed: {e}"}
     finally:
         os.close(lock)
-    return in_use - pins
+    return {"ok": True, "removed": result.removed_revisions,
+            "objects": len(result.removed_objects), "freed": result.freed_bytes,
+            "pinned": sorted(pins), "kept_in_use": sorted(in_use - pins)}  # fmt: skip

@@ -116,6 +116,9 @@ class Progress(Record):
     percent: int | None = None
     kind: str | None = None
     time: float = 0.0
+    # when this attempt began and entered TESTING (0: unknown), for pvpy device history
+    started: float = 0.0
+    testing_at: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -125,6 +128,8 @@ class Progress(Record):
             "percent": self.percent,
             "kind": self.kind,
             "time": self.time,
+            "started": self.started,
+            "testing_at": self.testing_at,
         }
 
 
@@ -141,7 +146,12 @@ def write_progress(
     kind: str | None = None,
 ) -> Progress:
     """Record an update's state durably (atomic replace). Never raises."""
-    p = Progress(revision, status, reason, percent, kind, round(time.time(), 3))
+    now, old = round(time.time(), 3), read_progress(storage, revision)
+    if old is not None and (old.status in FINAL or status == QUEUED):
+        old = None  # a new attempt (a rollback re-applies a finished revision)
+    started = (old.started or old.time) if old else now
+    testing_at = (old.testing_at if old else 0.0) or (now if status == TESTING else 0.0)
+    p = Progress(revision, status, reason, percent, kind, now, started, testing_at)
     path = progress_path(storage, revision)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +167,7 @@ def read_progress(storage: Path, revision: int) -> Progress | None:
         d = json.loads(progress_path(storage, revision).read_text())
         return Progress(
             d["revision"], d["status"], d.get("reason", ""), d.get("percent"), d.get("kind"),
-            d.get("time", 0.0),
+            d.get("time", 0.0), d.get("started", 0.0), d.get("testing_at", 0.0),
         )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -220,12 +230,16 @@ def good_revisions_below(storage: Storage, below: int) -> list[int]:
 def highest_revision(storage: Storage) -> int:
     """The anti-rollback reference: the highest revision this device ever installed.
 
-    Trails can be garbage-collected, so progress records count too (all but
-    WONTGO: a refused revision was never installed, its number is not used up).
+    Trails can be garbage-collected, so progress records count too: those of
+    revisions PID 1 took (a refused revision, or one whose transfer failed, was
+    never installed: its number is not used up).
     Records exist only for verified revisions (``note_refusal``): nothing
     unverified input says moves this number.
     """
-    known = [p.revision for p in all_progress(storage.root) if p.status != WONTGO]
+    # used up once PID 1 took it (a kind; TESTING on), not by a staging that failed
+    staging = (QUEUED, DOWNLOADING, INPROGRESS, ERROR)
+    known = [p.revision for p in all_progress(storage.root)
+             if p.status != WONTGO and (p.kind is not None or p.status not in staging)]  # fmt: skip
     return max([0, *storage.revisions(), *known])
 
 
@@ -265,48 +279,57 @@ def install_verified(
     storage: Storage,
     verified: VerifiedRevision,
     fetch: Callable[[ObjectRef], BinaryIO] | None = None,
+    download: Callable[[ObjectRef], None] | None = None,
 ) -> None:
     """Take the objects a verified revision lacks from ``fetch`` (None: they must be
-    in the store already, uploaded by the API), check every object, install the
+    in the store already, uploaded by the API) or ``download`` (it stores each itself,
+    resumably: a failed transfer keeps what it verified), check every object, install the
     trail and keep what it proves in the trust root (key set, fleet, time floor).
     Records QUEUED, DOWNLOADING, INPROGRESS "staged"; on failure removes the
     objects it added (and a corrupt stored one no installed revision needs) and
     its trail, records WONTGO (bad input) or ERROR (the device failed) and re-raises.
     """
     with install_lock(storage):
-        _install_verified(storage, verified, fetch)
+        _install_verified(storage, verified, fetch, download)
 
 
 def _install_verified(
     storage: Storage,
     verified: VerifiedRevision,
     fetch: Callable[[ObjectRef], BinaryIO] | None,
+    download: Callable[[ObjectRef], None] | None = None,
 ) -> None:
     from pvpy import trustroot
 
     revision = verified.revision
     write_progress(storage.root, revision, QUEUED, "verified signature and schema")
     refs = list(verified.state.objects().values())
-    missing = [r for r in refs if not storage.objects.has(r.sha256)]
-    total = sum(r.size for r in missing) or 1
     added: list[str] = []
     done = 0
     installed = False
     try:
-        if missing and fetch is None:
+        checked = _drop_corrupt(storage, refs)
+        missing = [r for r in refs if not storage.objects.has(r.sha256)]
+        total = sum(r.size for r in missing) or 1
+        if missing and fetch is None and download is None:
             raise ObjectMissingError(
                 f"{len(missing)} object(s) not uploaded, first {missing[0].sha256}"
             )
         for ref in missing:
-            assert fetch is not None
             write_progress(storage.root, revision, DOWNLOADING, f"object {ref.sha256[:12]}",
                            percent=done * 100 // total)  # fmt: skip
-            with fetch(ref) as f:
-                storage.objects.put_stream(f, expected=ref.sha256, max_size=ref.size)
+            if download is not None:
+                download(ref)
+            else:
+                assert fetch is not None
+                with fetch(ref) as f:
+                    storage.objects.put_stream(f, expected=ref.sha256, max_size=ref.size)
             added.append(ref.sha256)
             done += ref.size
             persist_point("stage:object")
-        for ref in refs:  # objects we already had are checked too
+        for ref in refs:  # objects that came in are checked again (the store's copy)
+            if ref.sha256 in checked:
+                continue
             try:
                 storage.objects.verify(ref.sha256, size=ref.size)
             except ObjectCorruptError:
@@ -324,9 +347,10 @@ def _install_verified(
         if installed:  # the trust root could not be kept: no half-taken revision
             with contextlib.suppress(PvpyError):
                 storage.remove_revision(revision)
-        _drop_added(storage, added)
         # bad input is refused (WONTGO); a device that failed (disk full) is ERROR
         refused = isinstance(e, ObjectCorruptError | ObjectMissingError | ObjectNameError)
+        if refused or download is None:  # a transfer to resume keeps what it verified
+            _drop_added(storage, added)
         write_progress(storage.root, revision, WONTGO if refused else ERROR, str(e))
         raise
     write_progress(storage.root, revision, INPROGRESS, "staged", percent=100)
@@ -439,6 +463,25 @@ def last_refusals(storage: Path) -> list[dict[str, Any]]:
     except (OSError, ValueError):
         return []
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _drop_corrupt(storage: Storage, refs: list[ObjectRef]) -> set[str]:
+    """Check the stored objects a revision names; remove each corrupt one (a bit flip
+    on disk) so that it comes again, good, from this source or the next push, even
+    when an installed revision names it (that one cannot verify either: the good copy
+    heals it). Returns the names found good."""
+    good: set[str] = set()
+    for ref in (r for r in refs if storage.objects.has(r.sha256)):
+        try:
+            storage.objects.verify(ref.sha256, size=ref.size)
+        except ObjectCorruptError as e:
+            log.warning("corrupt object in the store; taking it again", error=str(e))
+            storage.objects.remove(ref.sha256)
+            continue
+        except ObjectMissingError:
+            continue  # removed meanwhile: missing, fetched as such
+        good.add(ref.sha256)
+    return good
 
 
 def _drop_added(storage: Storage, added: list[str]) -> None:

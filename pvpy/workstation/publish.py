@@ -24,9 +24,9 @@ from pvpy.oci import (
     ROLE,
     ROLES,
     Reference,
-    Registry,
     digest_of,
 )
+from pvpy.registry import Registry
 from pvpy.workstation.remote import ProgressBar, _Counting
 
 log = get_logger("publish")

@@ -139,6 +139,8 @@ def dispatch(pid1: Pid1, request: dict[str, Any]) -> dict[str, Any]:
         return pid1.updates.begin(revision)
     if cmd == "rollback":
         return pid1.updates.rollback()
+    if cmd == "gc":
+        return pid1.updates.gc_now()
     if cmd == "inject" and os.environ.get("PVPY_TEST_FAULTS") == "1":
         pid1.fault = str(request.get("fault"))
         return {"ok": True}

@@ -1,0 +1,88 @@
+"""What the soak runs (#14) found, each as a direct, fast test of its own; and the
+GC request the soak drives (``pvpy device gc``: the control request "gc")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pvpy.device.apply import Applier, UpdateRun
+from pvpy.store import Storage
+from tests.device import pvpy
+from tests.test_gc import Host
+from tests.test_store import install
+
+
+class Idle:
+    """A supervisor whose running containers use the trails of ``in_use``."""
+
+    def __init__(self, in_use: set[int]) -> None:
+        self.in_use = in_use
+
+    def revisions_in_use(self) -> set[int]:
+        return set(self.in_use)
+
+
+def test_gc_on_request_keeps_the_pinned_and_in_use_trails(tmp_path: Path) -> None:
+    storage = Storage(tmp_path).ensure()
+    for revision in (1, 2, 3, 4, 5):
+        install(storage, revision, [b"object of %d" % revision])
+    host: Any = Host(tmp_path, 5)
+    host.supervisor = Idle({2})  # a container still runs on revision 2's writable layer
+    applier = Applier(host)
+
+    reply = applier.gc_now()
+
+    # running (5), the newest good before it (4), in use (2); 1 and 3 are garbage
+    assert reply["ok"] and reply["removed"] == [1, 3], reply
+    assert reply["pinned"] == [4, 5] and reply["kept_in_use"] == [2]
+    assert storage.revisions() == [2, 4, 5]
+    assert applier.gc_owed == {2}  # collected as soon as that container moves on
+
+
+def test_gc_on_request_waits_for_the_update_under_way(tmp_path: Path) -> None:
+    storage = Storage(tmp_path).ensure()
+    for revision in (1, 2, 3):
+        install(storage, revision, [b"object of %d" % revision])
+    host: Any = Host(tmp_path, 2)
+    host.supervisor = Idle(set())
+    applier = Applier(host)
+    applier.update = UpdateRun(3, "app", "testing")
+
+    reply = applier.gc_now()
+
+    assert not reply["ok"] and "update to 3 in progress" in reply["error"]
+    assert storage.revisions() == [1, 2, 3]  # nothing removed
+
+
+def test_gc_verb_without_a_device(tmp_path: Path) -> None:
+    result = pvpy("device", "gc", "--storage", tmp_path, check=False)
+    assert result.returncode == 10, result.stderr  # a device error: none answers
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_update_heals_a_stored_object_corrupted_on_disk(tmp_path: Path) -> None:
+    """A bit flip in a stored object that an installed revision names (the soak's
+    corrupt-installed step: rollback target r4 refused, still installed) used to make
+    every later update naming that object WONTGO "corrupt" until r4 was collected:
+    staging checked the stored copy, found it corrupt, and kept it because r4 named it.
+    The update carries the good bytes: staging now replaces the corrupt copy with them."""
+    from pvpy.device import update as up
+    from pvpy.signing import TrustStore, generate_key
+    from tests.conftest import write_revision
+
+    key = generate_key(tmp_path / "key")
+    trust = TrustStore.from_public_keys([key.raw_public])
+    storage = Storage(tmp_path / "storage").ensure()
+    r4 = write_revision(tmp_path / "r4", 4, [key], blobs={"app": b"shared image"})
+    up.stage(storage.root, r4, trust)
+    (name,) = storage.referenced_by(4)
+    path = storage.objects.path(name)
+    path.write_bytes(b"shared imagX")  # the bad sector
+
+    r5 = write_revision(tmp_path / "r5", 5, [key], blobs={"app": b"shared image"})
+    state = up.stage(storage.root, r5, trust)
+
+    assert state.revision == 5 and storage.revisions() == [4, 5]
+    storage.objects.verify(name)  # healed: r4 boots again too
+    assert up.read_progress(storage.root, 5).status == up.INPROGRESS  # type: ignore[union-attr]

@@ -24,7 +24,8 @@ from pvpy.device.bootenv.grub import SIZE as GRUB_SIZE
 from pvpy.device.bootenv.grub import GrubEnv
 from pvpy.device.bootenv.rpi import RpiTryboot
 from pvpy.device.bootenv.uboot import UBootEnv
-from pvpy.rpiboot import AUTOBOOT_MAX
+from pvpy.device.bootenv.ubootfat import UBootFatEnv
+from pvpy.rpiboot import AUTOBOOT_MAX, COMMITTED, UBOOT_DEFAULTS, UBOOT_ENV, UBOOT_ENV_SIZE
 
 needs_fw = pytest.mark.skipif(
     not (shutil.which("fw_printenv") and shutil.which("fw_setenv")),
@@ -512,6 +513,115 @@ def test_rpi_derived_variable_and_no_device_tree(tmp_path: Path) -> None:
         env.write({"rpi_boot_partition": "3"})
 
 
+# --- uboot-fat: uboot.env on the Pi's FAT partition, pvrev.env beside it -------------------
+#
+# U-Boot itself is not here (tests/test_rpi_qemu.py boots Debian's on QEMU's raspi3b);
+# fw_printenv/fw_setenv read the file with Debian's u-boot-rpi geometry (0x4000, one copy).
+
+
+def fat_dir(tmp_path: Path, rev: int | None = 1) -> Path:
+    """A FAT partition as the image build writes it: uboot.env (U-Boot's defaults,
+    the board's settings, pv_rev), u-boot-initial-env, pvrev.env."""
+    fat = tmp_path / "fat"
+    fat.mkdir()
+    (fat / UBOOT_DEFAULTS).write_text("".join(f"{k}={v}\n" for k, v in BASE.items()))
+    env = UBootEnv(fat / UBOOT_ENV, UBOOT_ENV_SIZE, defaults=BASE, lockfile=None)
+    blank(env.path, UBOOT_ENV_SIZE)
+    if rev is not None:
+        env.write({"pv_rev": str(rev)})
+        (fat / COMMITTED).write_text(f"pv_rev={rev}\n")
+    return fat
+
+
+def fat_env(fat: Path) -> UBootFatEnv:
+    return UBootFatEnv(fat, lockfile=None)
+
+
+def tear(path: Path) -> None:
+    """A write cut in the middle: the first half of other bytes, the old rest (bad CRC)."""
+    data = bytearray(path.read_bytes())
+    data[: len(data) // 2] = bytes([0x5A]) * (len(data) // 2)
+    path.write_bytes(bytes(data))
+
+
+@needs_fw
+def test_uboot_fat_commit_writes_env_then_pvrev_and_fw_printenv_agrees(tmp_path: Path) -> None:
+    fat = fat_dir(tmp_path)
+    env = fat_env(fat)
+    assert env.name == "uboot-fat" and env.try_reboot_argument() is None
+    assert not env.writes_try_partition()
+    config = tmp_path / "fw_env.config"
+    config.write_text(env.fw_env_config())
+    assert env.fw_env_config() == f"{fat / UBOOT_ENV} 0x0 0x4000\n"
+    env.write({"pv_try": "2", "pv_bootcount": "0"})
+    assert fw_printenv(config) == {**BASE, "pv_rev": "1", "pv_try": "2", "pv_bootcount": "0"}
+    assert env.committed() == 1  # a try is never the committed truth
+    # U-Boot's marker, as saveenv writes it (fw_setenv stands in for U-Boot here).
+    fw_setenv_script(config, tmp_path, ["pv_trying=2"])
+    assert env.read()["pv_trying"] == "2"
+    env.write({"pv_rev": "2", "pv_try": None, "pv_trying": None, "pv_bootcount": None})
+    assert fw_printenv(config) == {**BASE, "pv_rev": "2"}
+    assert (fat / COMMITTED).read_text() == "pv_rev=2\n" and env.committed() == 2
+    assert not [p.name for p in fat.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_uboot_fat_torn_env_reads_defaults_and_the_committed_revision(tmp_path: Path) -> None:
+    """A power cut while U-Boot's saveenv wrote uboot.env: its CRC fails, U-Boot boots
+    its defaults; pvpy reads them too, with pv_rev from pvrev.env, and its next write
+    makes a good uboot.env from them again (the try it knew nothing of is gone)."""
+    fat = fat_dir(tmp_path)
+    env = fat_env(fat)
+    env.write({"pv_rev": "3", "pv_try": "4", "pv_bootcount": "0"})
+    tear(fat / UBOOT_ENV)
+    assert env.read() == {**BASE, "pv_rev": "3"} and env.was_corrupt
+    env.write({"pv_try": None, "pv_trying": None, "pv_bootcount": None})  # clear_try
+    assert not env.was_corrupt
+    fresh = UBootEnv(fat / UBOOT_ENV, UBOOT_ENV_SIZE, lockfile=None)
+    assert fresh.read() == {**BASE, "pv_rev": "3"} and not fresh.was_corrupt
+
+
+def test_uboot_fat_missing_env_is_like_a_torn_one(tmp_path: Path) -> None:
+    fat = fat_dir(tmp_path, rev=5)
+    (fat / UBOOT_ENV).unlink()
+    env = fat_env(fat)
+    assert env.read() == {**BASE, "pv_rev": "5"} and env.was_corrupt
+    env.write({"pv_rev": "6"})
+    assert (fat / UBOOT_ENV).stat().st_size == UBOOT_ENV_SIZE
+    assert fat_env(fat).read() == {**BASE, "pv_rev": "6"} and env.committed() == 6
+
+
+def test_uboot_fat_without_defaults_never_writes_a_torn_env(tmp_path: Path) -> None:
+    """No u-boot-initial-env: a new uboot.env of pvpy's variables alone would replace
+    U-Boot's built-in environment (bootcmd included): refused, nothing written."""
+    fat = fat_dir(tmp_path, rev=2)
+    (fat / UBOOT_DEFAULTS).unlink()
+    tear(fat / UBOOT_ENV)
+    torn = (fat / UBOOT_ENV).read_bytes()
+    env = fat_env(fat)
+    assert env.read() == {"pv_rev": "2"}  # the committed revision is still known
+    with pytest.raises(BootEnvError, match="refusing to write"):
+        env.write({"pv_try": "3"})
+    assert (fat / UBOOT_ENV).read_bytes() == torn and env.committed() == 2
+
+
+def test_uboot_fat_pvrev_follows_the_env_after_a_cut_between_them(tmp_path: Path) -> None:
+    """A cut after uboot.env committed 4 but before pvrev.env followed: pvrev.env
+    names 3 (committed before: still a good revision). The next write, whatever it
+    changes, brings pvrev.env to uboot.env's pv_rev."""
+    fat = fat_dir(tmp_path, rev=3)
+    UBootEnv(fat / UBOOT_ENV, UBOOT_ENV_SIZE, lockfile=None).write({"pv_rev": "4"})
+    env = fat_env(fat)
+    assert env.read()["pv_rev"] == "4" and env.committed() == 3
+    env.write({"pv_try": None})  # clear_try after a boot: nothing changes in uboot.env
+    assert env.committed() == 4
+
+
+def test_uboot_fat_through_open_bootenv(tmp_path: Path) -> None:
+    fat = fat_dir(tmp_path)
+    env = open_bootenv(f"uboot-fat:{fat}")
+    assert isinstance(env, UBootFatEnv) and env.read()["pv_rev"] == "1"
+
+
 @pytest.mark.parametrize("spec", ["file:{d}/env", "uboot:{d}/uboot.env", "grub:{d}/grubenv"])
 def test_bootloaders_that_read_the_storage_need_no_try_partition(tmp_path: Path, spec: str) -> None:
     env = open_bootenv(spec.format(d=tmp_path))
@@ -542,9 +652,13 @@ def make_rpi(tmp_path: Path) -> BootEnv:
     return rpi(tmp_path)
 
 
+def make_uboot_fat(tmp_path: Path) -> BootEnv:
+    return fat_env(fat_dir(tmp_path, rev=None))
+
+
 @pytest.mark.parametrize(
-    "make", [make_file, make_uboot, make_uboot_redundant, make_grub, make_rpi],
-    ids=["file", "uboot", "uboot-redundant", "grub", "rpi"],
+    "make", [make_file, make_uboot, make_uboot_redundant, make_grub, make_rpi, make_uboot_fat],
+    ids=["file", "uboot", "uboot-redundant", "grub", "rpi", "uboot-fat"],
 )  # fmt: skip
 def test_choose_boot_tries_once_then_falls_back(
     tmp_path: Path, make: Callable[[Path], BootEnv]
@@ -576,3 +690,52 @@ def test_choose_boot_writes_are_what_the_bootloader_tools_see(tmp_path: Path) ->
     assert fw_printenv(config) == {**BASE, "pv_rev": "1", "pv_try": "2", "pv_trying": "2",
                                    "pv_bootcount": "1"}  # fmt: skip
     assert grub_list(tmp_path / "grubenv") == "pv_rev=1\npv_try=2\npv_bootcount=1\npv_trying=2\n"
+
+
+# What U-Boot's ext4load sees: it reads an ext4 file system without replaying its
+# journal. debugfs reads it the same way, here while Linux still has it mounted.
+CHECKPOINT_PROBE = """
+set -e
+mount -o loop "$1" "$2"
+"$3" -c '
+import sys
+from pathlib import Path
+from pvpy.device.bootenv.file import FileBootEnv
+from pvpy.store import write_atomic
+mnt = Path(sys.argv[1])
+FileBootEnv(mnt / "bootenv").write({"pv_rev": "1"})
+FileBootEnv(mnt / "bootenv").write({"pv_rev": "2", "pv_try": "3"})
+write_atomic(mnt / "plain", b"written after the last checkpoint\\n")
+' "$2"
+echo "bootenv: $(debugfs -R 'cat /bootenv' "$1" 2>/dev/null | tr '\\n' ' ')"
+echo "plain: $(debugfs -R 'cat /plain' "$1" 2>/dev/null)"
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a loop-mounted ext4)")
+@pytest.mark.skipif(
+    shutil.which("mkfs.ext4") is None or shutil.which("debugfs") is None,
+    reason="needs e2fsprogs (mkfs.ext4, debugfs)",
+)
+def test_a_file_boot_env_is_what_a_reader_without_the_journal_sees(tmp_path: Path) -> None:
+    """After a power cut U-Boot must read the boot env PID 1 last wrote, not an old
+    directory entry or a freed inode: each write checkpoints ext4's journal (found
+    by the QEMU soak: a cut seconds after a commit booted the old revision)."""
+    import sys
+
+    image, mnt = tmp_path / "ext4.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", CHECKPOINT_PROBE, "probe",
+         str(image), str(mnt), sys.executable],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    lines = dict(line.split(": ", 1) for line in probe.stdout.splitlines())
+    assert lines["bootenv"].split() == ["pv_rev=2", "pv_try=3"]
+    # the control: a file written without a checkpoint is not there yet for such a reader
+    assert "written after" not in lines["plain"]

@@ -1,6 +1,14 @@
-"""Raspberry Pi 4/5 images (boards/rpi4, boards/rpi5): structure, tryboot A/B, a QEMU boot.
+"""Raspberry Pi images: U-Boot (boards/rpi3, boards/rpi4) and tryboot (boards/rpi4-tryboot,
+boards/rpi5): structure, boot environments, a QEMU boot of the tryboot images' kernel.
 
-There is no Raspberry Pi here, so what only the Pi's firmware does is not
+U-Boot images: the MBR, every file of the FAT partition (firmware, config.txt
+with kernel=u-boot.bin, Debian's U-Boot byte for byte, boot.scr holding the
+shared boot script, uboot.env as fw_printenv reads it, u-boot-initial-env,
+pvrev.env), the storage; and the ``uboot-fat`` boot environment on the image's
+own FAT files (a try, a torn uboot.env, a commit). The U-Boot chain itself boots
+on QEMU's raspi3b in tests/test_rpi_qemu.py.
+
+Tryboot images. There is no Raspberry Pi here, so what only the Pi's firmware does is not
 tested: loading config.txt, honouring autoboot.txt and the one-shot tryboot
 flag. What is tested is everything pvpy writes for it, read back from the
 disk image with the tools a person would use (sfdisk, mtools, the ext4
@@ -28,6 +36,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +44,20 @@ from typing import Any
 import pytest
 
 from pvpy.device.bootenv.rpi import RpiTryboot
+from pvpy.device.bootenv.ubootfat import UBootFatEnv
 from pvpy.errors import BootEnvError, PvpyError
-from pvpy.rpiboot import AUTOBOOT, AUTOBOOT_MAX, ENV_FILE, autoboot_text
+from pvpy.rpiboot import (
+    AUTOBOOT,
+    AUTOBOOT_MAX,
+    BOOT_SCRIPT,
+    COMMITTED,
+    ENV_FILE,
+    UBOOT_BIN,
+    UBOOT_DEFAULTS,
+    UBOOT_ENV,
+    UBOOT_ENV_SIZE,
+    autoboot_text,
+)
 from pvpy.signing import generate_key
 from pvpy.state import canonical
 from pvpy.store import ObjectStore
@@ -48,12 +69,14 @@ from pvpy.workstation.image import (
     RPI_INITRD,
     RPI_KERNEL,
     ImageBuild,
+    RpiLayout,
     build_image,
     build_rpi_disk,
     load_board,
     rpi_layout,
     write_rpi_manifest,
 )
+from pvpy.workstation.image.rpi import write_rpi_uboot_disk
 from pvpy.workstation.qemu import Machine, ensure_qemu, qemu_argv
 from tests import apiclient
 from tests.conftest import write_revision
@@ -241,8 +264,8 @@ def fake_image(tmp_path: Path) -> ImageBuild:
     need_disk_tools()
     board_dir = tmp_path / "board" / "rpi-small"
     board_dir.mkdir(parents=True)
-    text = (REPO / "boards/rpi4/board.yaml").read_text()
-    text = text.replace("name: rpi4", "name: rpi-small").replace("size: 256M", "size: 40M")
+    text = (REPO / "boards/rpi4-tryboot/board.yaml").read_text()
+    text = text.replace("name: rpi4-tryboot", "name: rpi-small").replace("size: 256M", "size: 40M")
     text = text.replace("size: 512M", "size: 8M")
     (board_dir / "board.yaml").write_text(text)
     board = load_board(str(board_dir))
@@ -287,11 +310,231 @@ def test_layout_refuses_a_board_without_a_b(tmp_path: Path) -> None:
 
     board_dir = tmp_path / "rpi-bad"
     board_dir.mkdir()
-    text = (REPO / "boards/rpi4/board.yaml").read_text().replace("name: rpi4", "name: rpi-bad")
+    text = (REPO / "boards/rpi4-tryboot/board.yaml").read_text()
+    text = text.replace("name: rpi4-tryboot", "name: rpi-bad")
     text = text.replace("label: PVBOOTB, size: 256M, content: boot", "label: PVBOOTB, size: 256M")
     (board_dir / "board.yaml").write_text(text)
     with pytest.raises(ManifestError, match="two 'content: boot'"):
         rpi_layout(load_board(str(board_dir)))
+
+
+# -- U-Boot images (rpi3, rpi4) ----------------------------------------------------------------
+
+SHARED_SCRIPT = REPO / "boards/qemu-arm64/boot.cmd"  # the U-Boot boards' one boot script
+
+
+def script_text(scr: bytes) -> str:
+    """The commands of a mkimage -T script image: a 64-byte legacy header, a table of
+    sub-image sizes ended by 0, then the script."""
+    assert scr[:4] == b"\x27\x05\x19\x56", "not a U-Boot legacy image"
+    assert scr[30] == 6, "not of type script"  # ih_type IH_TYPE_SCRIPT
+    size = struct.unpack_from(">I", scr, 64)[0]
+    assert struct.unpack_from(">I", scr, 68)[0] == 0
+    return scr[72 : 72 + size].decode()
+
+
+def fw_printenv(env: bytes, work: Path) -> dict[str, str]:
+    """uboot.env as Debian's fw_printenv reads it with u-boot-rpi's geometry."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "uboot.env").write_bytes(env)
+    (work / "fw_env.config").write_text(f"{work / 'uboot.env'} 0x0 {UBOOT_ENV_SIZE:#x}\n")
+    out = subprocess.run(["fw_printenv", "-c", str(work / "fw_env.config")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return dict(line.split("=", 1) for line in out.stdout.splitlines())
+
+
+def check_uboot_layout(disk: Path, image_dir: Path, revision_dir: Path, u_boot: Path,
+                       work: Path) -> None:  # fmt: skip
+    """The MBR, the FAT partition's files and contents, the storage's label."""
+    manifest = json.loads((image_dir / IMAGE_MANIFEST).read_text())
+    board = load_board(manifest["board_dir"])
+    parts = board.get("partitions")
+    table = partitions(disk)
+    assert table["label"] == "dos"
+    assert [p["type"] for p in table["partitions"]] == ["c", "83"]
+    for entry, part in zip(table["partitions"], parts, strict=True):
+        assert entry["start"] % 2048 == 0, entry
+        assert entry["size"] * 512 == int(part["size"].rstrip("M")) << 20, entry
+    assert rpi_layout(board) == RpiLayout(config=1, boot=(), storage=2)
+    assert manifest["boot"] == "u-boot-rpi"
+    assert manifest["partitions"] == {"config": 1, "storage": 2}
+
+    assert fat_label(disk, 1) == "PVBOOT"
+    bsp = canonical.decode((revision_dir / "state.json").read_bytes())["bsp"]
+    dtb = Path(board.get("dtb")).name
+    fw = board.get("bootloader", "firmware")
+    assert fat_names(disk, 1) == {*fw["files"], dtb, RPI_CONFIG, UBOOT_BIN, BOOT_SCRIPT,
+                                  UBOOT_ENV, UBOOT_DEFAULTS, COMMITTED}  # fmt: skip
+    assert fat_read(disk, 1, UBOOT_BIN) == u_boot.read_bytes()
+    assert hashlib.sha256(fat_read(disk, 1, dtb)).hexdigest() == bsp["dtb"]["sha256"]
+    config = fat_read(disk, 1, RPI_CONFIG).decode().splitlines()
+    assert config[1:] == [*board.get("bootloader", "config"), f"kernel={UBOOT_BIN}",
+                          f"device_tree={dtb}"], config  # fmt: skip
+    assert script_text(fat_read(disk, 1, BOOT_SCRIPT)) == SHARED_SCRIPT.read_text()
+    # uboot.env: U-Boot's built-in environment (from its binary), the board's
+    # settings, pv_rev; u-boot-initial-env the same without pv_rev; pvrev.env.
+    env = fat_read(disk, 1, UBOOT_ENV)
+    assert len(env) == UBOOT_ENV_SIZE == 0x4000
+    values = fw_printenv(env, work)
+    assert values["pv_rev"] == "1" and values["bootdelay"] == "0", values
+    assert values["bootcmd"] == board.get("bootloader", "env", "bootcmd")
+    assert values["board"] == "rpi" and values["scriptaddr"] == "0x02400000"
+    assert b"distro_bootcmd=" + values["distro_bootcmd"].encode() in u_boot.read_bytes()
+    initial = fat_read(disk, 1, UBOOT_DEFAULTS).decode()
+    assert dict(line.split("=", 1) for line in initial.splitlines()) == {
+        k: v for k, v in values.items() if k != "pv_rev"}  # fmt: skip
+    assert fat_read(disk, 1, COMMITTED) == b"pv_rev=1\n"
+    assert ext4_label(disk, 2) == "pvstorage"
+
+
+def check_uboot_env(disk: Path, work: Path) -> None:
+    """The ``uboot-fat`` backend on the image's own FAT files: a try, uboot.env torn
+    while U-Boot writes its marker (U-Boot's defaults and pvrev.env's revision), the
+    repair, a commit; written back into a copy of the image and read with mtools."""
+    fat = work / "fat"
+    fat.mkdir(parents=True)
+    for name in (UBOOT_ENV, UBOOT_DEFAULTS, COMMITTED):
+        (fat / name).write_bytes(fat_read(disk, 1, name))
+    env = UBootFatEnv(fat, lockfile=None)
+    factory = env.read()
+    assert factory["pv_rev"] == "1" and not env.was_corrupt
+    before = (fat / UBOOT_ENV).read_bytes()
+    env.write({"pv_try": "2", "pv_bootcount": "0"})
+    # A write cut after its first bytes: the new CRC, the old data after it.
+    torn = (fat / UBOOT_ENV).read_bytes()[:4] + before[4:]
+    assert struct.unpack_from("<I", torn)[0] != zlib.crc32(torn[4:])
+    (fat / UBOOT_ENV).write_bytes(torn)
+    assert env.read() == factory and env.was_corrupt  # the built-in env, pv_rev from pvrev.env
+    env.write({"pv_try": None, "pv_bootcount": None})  # PID 1 clears the forgotten try
+    assert env.read() == factory and not env.was_corrupt
+    env.write({"pv_rev": "2"})
+    assert (fat / COMMITTED).read_bytes() == b"pv_rev=2\n"
+    copy = work / "disk.img"
+    subprocess.run(["cp", "--sparse=always", str(disk), str(copy)], check=True)
+    for name in (UBOOT_ENV, COMMITTED):
+        fat_write(copy, 1, name, fat / name)
+    assert fw_printenv(fat_read(copy, 1, UBOOT_ENV), work / "fw") == {**factory, "pv_rev": "2"}
+
+
+FAKE_U_BOOT_ENV = {
+    "bootcmd": "run distro_bootcmd",
+    "board": "rpi",
+    "bootdelay": "2",
+    "scriptaddr": "0x02400000",
+    "distro_bootcmd": "for t in mmc0; do run x; done",
+}
+
+
+@pytest.fixture
+def fake_uboot_image(tmp_path: Path) -> tuple[ImageBuild, Path]:
+    """``write_rpi_uboot_disk`` on rpi3's board with a small storage, fake firmware
+    files, a fake U-Boot binary holding a default environment as Debian's do, and a
+    signed revision with a few-byte BSP."""
+    need_disk_tools()
+    if shutil.which("mkimage") is None:
+        pytest.skip("mkimage not installed (u-boot-tools; pvpy image build installs it)")
+    board_dir = tmp_path / "board" / "rpi-small-uboot"
+    board_dir.mkdir(parents=True)
+    text = (
+        (REPO / "boards/rpi3/board.yaml").read_text().replace("name: rpi3", "name: rpi-small-uboot")
+    )
+    (board_dir / "board.yaml").write_text(text.replace("size: 512M", "size: 8M"))
+    (board_dir / "boot.cmd").symlink_to(SHARED_SCRIPT)
+    board = load_board(str(board_dir))
+    u_boot = tmp_path / "u-boot.bin"
+    u_boot.write_bytes(b"\x00code" + b"".join(f"{k}={v}".encode() + b"\0" for k, v in
+                                                  FAKE_U_BOOT_ENV.items()) + b"\0more code")  # fmt: skip
+    firmware = tmp_path / "firmware"
+    fw = board.get("bootloader", "firmware")
+    (firmware / fw["dir"]).mkdir(parents=True)
+    for name in fw["files"]:
+        (firmware / fw["dir"] / name).write_bytes(f"firmware {name}".encode())
+    revision = tmp_path / "revision"
+    objects = ObjectStore(revision / "objects").ensure()
+    bsp: dict[str, Any] = {"cmdline": "quiet"}
+    for part in ("kernel", "initrd", "dtb"):
+        data = f"fake {part}".encode()
+        bsp[part] = {"sha256": objects.put_bytes(data), "size": len(data)}
+    write_revision(revision, 1, [generate_key(tmp_path / "key")], bsp=bsp)
+    storage = tmp_path / "storage"
+    (storage / "trails").mkdir(parents=True)
+    out = tmp_path / "img"
+    (out / ".work").mkdir(parents=True)
+    b = ImageBuild(board=board, out=out, disk=out / "disk.img", spec=DEFAULT_SPEC, key=None,
+                   cache=tmp_path / "cache", work=out / ".work", revision=1,
+                   revision_dir=revision, storage=storage, firmware_root=firmware,
+                   dtb=revision / "objects" / bsp["dtb"]["sha256"])  # fmt: skip
+    write_rpi_uboot_disk(b, u_boot)
+    write_rpi_manifest(b)
+    return b, u_boot
+
+
+def test_uboot_layout_of_a_fake_bsp(fake_uboot_image: tuple[ImageBuild, Path],
+                                    tmp_path: Path) -> None:  # fmt: skip
+    b, u_boot = fake_uboot_image
+    from pvpy.workstation.image.board import rpi_dtb_name
+
+    assert rpi_dtb_name(b.board) == "bcm2837-rpi-3-b.dtb"
+    # the fake DTB object is named by its hash: the FAT copy must carry the board's name
+    check_uboot_layout(b.disk, b.out, b.revision_dir, u_boot, tmp_path / "fw")
+    assert not list(b.work.glob("part*.img")), "partition images left behind"
+
+
+def test_uboot_env_on_the_fat_partition(fake_uboot_image: tuple[ImageBuild, Path],
+                                        tmp_path: Path) -> None:  # fmt: skip
+    check_uboot_env(fake_uboot_image[0].disk, tmp_path / "env")
+
+
+def test_uboot_layout_refuses_a_board_without_a_first_fat(tmp_path: Path) -> None:
+    from pvpy.errors import ManifestError
+
+    board_dir = tmp_path / "rpi-bad"
+    board_dir.mkdir()
+    text = (REPO / "boards/rpi3/board.yaml").read_text().replace("name: rpi3", "name: rpi-bad")
+    text = text.replace("{name: boot, fs: vfat,", "{name: boot, fs: ext4,")
+    (board_dir / "board.yaml").write_text(text)
+    with pytest.raises(ManifestError, match="a first vfat one"):
+        rpi_layout(load_board(str(board_dir)))
+
+
+@pytest.fixture(scope="module", params=["rpi3", "rpi4"])
+def uboot_image(request: pytest.FixtureRequest, demo_spec: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> ImageBuild:  # fmt: skip
+    board = str(request.param)
+    return build_image(board, tmp_path_factory.mktemp(board) / "img", spec=demo_spec)
+
+
+@qemu
+@pytest.mark.timeout(900)
+def test_uboot_image_structure(uboot_image: ImageBuild, tmp_path: Path) -> None:
+    from pvpy.workstation.image import rpi as image_rpi
+
+    image = uboot_image
+    u_boot = image_rpi.fetch_u_boot_rpi(image)  # cached: the binary the build copied
+    assert u_boot.parts[-2:] == ("rpi_arm64", "u-boot.bin")
+    check_uboot_layout(image.disk, image.out, image.revision_dir, u_boot, tmp_path / "fw")
+    names = fat_names(image.disk, 1)
+    if image.board.name == "rpi4":
+        assert {"start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb"} <= names
+    else:
+        assert {"bootcode.bin", "start.elf", "fixup.dat", "bcm2837-rpi-3-b.dtb"} <= names
+    # The storage: the factory revision, whose boot.env names its kernel, initrd and DTB.
+    bsp = canonical.decode((image.revision_dir / "state.json").read_bytes())["bsp"]
+    storage = tmp_path / "storage.img"
+    part = partitions(image.disk)["partitions"][1]
+    subprocess.run(["dd", f"if={image.disk}", f"of={storage}", "bs=512", f"skip={part['start']}",
+                    f"count={part['size']}", "conv=sparse", "status=none"], check=True)  # fmt: skip
+    boot_env = subprocess.run(["debugfs", "-R", "cat /trails/1/boot.env", str(storage)],
+                              check=True, capture_output=True).stdout.decode()  # fmt: skip
+    assert f"pv_fdt={bsp['dtb']['sha256']}" in boot_env.splitlines(), boot_env
+    assert f"pv_kernel={bsp['kernel']['sha256']}" in boot_env.splitlines(), boot_env
+
+
+@qemu
+@pytest.mark.timeout(900)
+def test_uboot_image_env(uboot_image: ImageBuild, tmp_path: Path) -> None:
+    check_uboot_env(uboot_image.disk, tmp_path)
 
 
 # -- slow: real images, booted -----------------------------------------------------------
@@ -309,7 +552,7 @@ def demo_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo / "spec.yaml"
 
 
-@pytest.fixture(scope="module", params=["rpi4", "rpi5"])
+@pytest.fixture(scope="module", params=["rpi4-tryboot", "rpi5"])
 def image(request: pytest.FixtureRequest, demo_spec: Path,
           tmp_path_factory: pytest.TempPathFactory) -> ImageBuild:  # fmt: skip
     board = str(request.param)
@@ -321,7 +564,7 @@ def image(request: pytest.FixtureRequest, demo_spec: Path,
 def test_image_structure(image: ImageBuild) -> None:
     check_layout(image.disk, image.out, image.revision_dir)
     bsp = canonical.decode((image.revision_dir / "state.json").read_bytes())["bsp"]
-    if image.board.name == "rpi4":
+    if image.board.name == "rpi4-tryboot":
         assert {"start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb"} <= fat_names(image.disk, 2)
         assert image.dtb is not None and bsp["dtb"]["size"] == image.dtb.stat().st_size
     else:  # bookworm's kernel has no BCM2712 tree; the Pi 5 needs no start*.elf
@@ -438,9 +681,9 @@ def settled(m: Machine, port: int, credentials: Path, revision: int) -> Any:
 
 @qemu
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("image", ["rpi4"], indirect=True)
+@pytest.mark.parametrize("image", ["rpi4-tryboot"], indirect=True)
 def test_bsp_update_on_a_kernel_that_cannot_tryboot(image: ImageBuild, tmp_path: Path) -> None:
-    """A new initrd pushed into the rpi4 image booted on QEMU virt: PID 1 writes it
+    """A new initrd pushed into the rpi4-tryboot image booted on QEMU virt: PID 1 writes it
     into boot partition B (a child mounts it vfat), sets pv_try, reboots with
     "0 tryboot". QEMU's direct kernel boot has no tryboot (nor has Debian's kernel
     a way to pass the flag): the firmware's stand-in boots A again, exactly the

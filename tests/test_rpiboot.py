@@ -1,6 +1,10 @@
-"""The Raspberry Pi try-boot flow on the device (pvpy.rpiboot, pvpy.device.board, pvpy.device.apply).
+"""The Raspberry Pi update flows on the device (pvpy.rpiboot, pvpy.device.board, pvpy.device.apply).
 
-No Pi and no Pi firmware here: directories stand in for the SD card's
+U-Boot (boards rpi3, rpi4; ``UBootPi``): PID 1's half against the FAT partition's
+uboot.env and pvrev.env, with the boot script's choice on the command line as U-Boot
+writes it (U-Boot itself runs in tests/test_rpi_qemu.py, on QEMU's raspi3b).
+
+Tryboot (boards rpi4-tryboot, rpi5). No Pi and no Pi firmware here: directories stand in for the SD card's
 partitions (``disk/p1`` config, ``p2``/``p3`` boot A/B, ``p4`` the storage)
 and a directory of files for /proc/device-tree/chosen/bootloader (the
 firmware's ``tryboot`` and ``partition`` cells) — the one thing faked. PID 1's
@@ -183,7 +187,7 @@ def pi(tmp_path: Path, key: SigningKey) -> Pi:
     return Pi(tmp_path, key)
 
 
-def record(pi: Pi, revision: int) -> up.Progress:
+def record(pi: Pi | UBootPi, revision: int) -> up.Progress:
     progress = up.read_progress(pi.store.root, revision)
     assert progress is not None
     return progress
@@ -191,7 +195,7 @@ def record(pi: Pi, revision: int) -> up.Progress:
 
 def test_device_lays_out_what_the_image_build_does(pi: Pi, tmp_path: Path) -> None:
     """One set of functions for both sides: the factory partition and an update's."""
-    rpi4 = load_board("rpi4")
+    rpi4 = load_board("rpi4-tryboot")
     firmware = tmp_path / "fw"
     fw = rpi4.get("bootloader", "firmware")
     (firmware / fw["dir"]).mkdir(parents=True)
@@ -212,7 +216,7 @@ def test_device_lays_out_what_the_image_build_does(pi: Pi, tmp_path: Path) -> No
 def test_board_module_lists_can_mount_the_fat_partitions() -> None:
     """vfat (fat comes as its dependency), nls_cp437 (FAT's default codepage) and
     nls_ascii (bookworm's CONFIG_FAT_DEFAULT_IOCHARSET): no modprobe loads them later."""
-    for name in ("rpi4", "rpi5"):
+    for name in ("rpi3", "rpi4", "rpi4-tryboot", "rpi5"):
         modules = load_board(name).get("modules")
         assert {"vfat", "nls_cp437", "nls_ascii"} <= set(modules), name
 
@@ -393,3 +397,146 @@ def test_reconcile_clears_a_try_the_bootloader_never_booted(
     assert progress is not None and progress.status == up.ERROR
     assert "did not boot it" in progress.reason
     assert env.read() == {"pv_rev": "1"}
+
+
+# -- U-Boot (rpi3, rpi4): uboot.env on the FAT partition --------------------------------------
+
+U_BOOT_DEFAULTS = {"bootcmd": "run distro_bootcmd", "bootdelay": "0", "board": "rpi"}
+
+
+class UBootPi:
+    """An SD card of directories as a U-Boot Pi image has it: p1 the FAT partition
+    (uboot.env with U-Boot's defaults and pv_rev=1, u-boot-initial-env, pvrev.env),
+    p2 the storage with revisions 1 and 2 (2: a new initrd)."""
+
+    def __init__(self, tmp: Path, key: SigningKey) -> None:
+        from pvpy.device.bootenv.uboot import UBootEnv
+
+        self.fat = tmp / "disk" / "p1"
+        self.fat.mkdir(parents=True)
+        self.store = Storage(tmp / "disk" / "p2").ensure()
+        self.revs: dict[int, Path] = {}
+        for number, initrd in ((1, b"initrd one"), (2, b"initrd two")):
+            rev = tmp / f"rev{number}"
+            objects = ObjectStore(rev / "objects").ensure()
+            bsp: dict[str, Any] = {"cmdline": "quiet"}
+            for part, data in (("kernel", b"kernel"), ("initrd", initrd), ("dtb", b"dtb")):
+                bsp[part] = {"sha256": objects.put_bytes(data), "size": len(data)}
+            write_revision(rev, number, [key], blobs={"app": b"app"}, bsp=bsp)
+            for obj in (rev / "objects").iterdir():
+                if not obj.name.startswith("."):
+                    self.store.objects.put_file(obj, expected=obj.name)
+            self.store.install_revision(number, (rev / "state.json").read_bytes(),
+                                        (rev / "state.sig.json").read_bytes())  # fmt: skip
+            self.revs[number] = rev
+        (self.fat / rpiboot.UBOOT_DEFAULTS).write_text(
+            "".join(f"{k}={v}\n" for k, v in U_BOOT_DEFAULTS.items()))  # fmt: skip
+        env = UBootEnv(self.fat / rpiboot.UBOOT_ENV, rpiboot.UBOOT_ENV_SIZE,
+                       defaults=U_BOOT_DEFAULTS, lockfile=None)  # fmt: skip
+        env.path.write_bytes(bytes(rpiboot.UBOOT_ENV_SIZE))
+        env.write({"pv_rev": "1"})
+        (self.fat / rpiboot.COMMITTED).write_text(rpiboot.committed_text(1))
+        self.config = board.BoardConfig.from_dict(load_board("rpi3").device_config())
+
+    def env(self) -> Any:
+        return rpi.open_rpi_bootenv(self.config, str(self.store.root), "/nonexistent")
+
+    def state(self, revision: int) -> State:
+        return State.from_dict(canonical.decode((self.revs[revision] / "state.json").read_bytes()))
+
+    def u_boot(self) -> str:
+        """What boards/qemu-arm64/boot.cmd decides from uboot.env, as the command line
+        it writes (the script itself runs on QEMU's raspi3b: tests/test_rpi_qemu.py)."""
+        from pvpy.device.bootenv.uboot import UBootEnv
+
+        env = UBootEnv(self.fat / rpiboot.UBOOT_ENV, rpiboot.UBOOT_ENV_SIZE, lockfile=None)
+        values = env.read()
+        if env.was_corrupt:  # U-Boot's defaults: no pv_rev, no try; pvrev.env's revision
+            return (self.fat / rpiboot.COMMITTED).read_text().strip()
+        rev, try_, trying = values["pv_rev"], values.get("pv_try"), values.get("pv_trying", "0")
+        if not try_ or try_ == rev:
+            return f"pv_rev={rev}"
+        if trying == try_:
+            return f"pv_rev={rev} pv_failed_try={try_}"
+        env.write({"pv_trying": try_})  # saveenv
+        return f"pv_rev={try_} pv_trying=1"
+
+    def boot(self) -> tuple[FakePid1, Applier]:
+        env = self.env()
+        choice, reason = rpi.rpi_boot_choice(env, board.boot_choice(self.u_boot()))
+        assert reason is None
+        init = FakePid1(self.store.root, env, self.state(choice.revision or 1),
+                        trying=choice.trying, failed_try=choice.failed_try)  # fmt: skip
+        applier = Applier(init)
+        applier.reconcile(choice.revision)
+        return init, applier
+
+
+@pytest.fixture
+def upi(tmp_path: Path, key: SigningKey) -> UBootPi:
+    return UBootPi(tmp_path, key)
+
+
+def test_uboot_board_opens_uboot_env_on_the_fat_partition(upi: UBootPi) -> None:
+    from pvpy.device.bootenv.ubootfat import UBootFatEnv
+
+    assert upi.config.rpi == {"boot": "u-boot", "config_partition": 1}
+    (upi.fat / ".uboot.env.x1.tmp").write_bytes(b"a write a power cut left")
+    env = upi.env()
+    assert isinstance(env, UBootFatEnv) and env.read()["pv_rev"] == "1"
+    assert not (upi.fat / ".uboot.env.x1.tmp").exists()
+    assert env.try_reboot_argument() is None and not env.writes_try_partition()
+
+
+def test_uboot_bsp_update_tries_through_u_boot_and_commits(upi: UBootPi) -> None:
+    """A BSP change: pv_try in uboot.env, a plain reboot (no tryboot argument, no
+    partition written); U-Boot marks and boots the try; PID 1 commits: pv_rev in
+    uboot.env, then pvrev.env."""
+    init = FakePid1(upi.store.root, upi.env(), upi.state(1))
+    Applier(init).verified(2, None)
+    assert init.requests == [("reboot", "update to revision 2", None)]
+    assert init.bootenv.read()["pv_try"] == "2" and init.bootenv.committed() == 1
+    init, applier = upi.boot()
+    assert (init.boot_revision, init.boot_trying) == (2, True)
+    assert record(upi, 2).status == up.TESTING
+    assert applier.update is not None
+    applier.commit(applier.update)
+    values = init.bootenv.read()
+    assert values["pv_rev"] == "2" and "pv_try" not in values and "pv_trying" not in values
+    assert values["bootcmd"] == "run distro_bootcmd"  # U-Boot's own variables kept
+    assert (upi.fat / rpiboot.COMMITTED).read_text() == "pv_rev=2\n"
+    assert record(upi, 2).status == up.DONE
+    assert upi.u_boot() == "pv_rev=2"  # the next boot: the committed revision
+
+
+def test_uboot_try_that_never_reached_pid1_is_error(upi: UBootPi) -> None:
+    """The try booted (marker written) and died before PID 1: U-Boot falls back with
+    pv_failed_try; PID 1 records ERROR and clears the try; pvrev.env stays."""
+    init = FakePid1(upi.store.root, upi.env(), upi.state(1))
+    Applier(init).verified(2, None)
+    assert upi.u_boot() == "pv_rev=2 pv_trying=1"  # ... and the kernel panics
+    init, _ = upi.boot()
+    assert (init.boot_revision, init.boot_trying, init.failed_try) == (1, False, 2)
+    assert record(upi, 2).status == up.ERROR
+    assert "pv_try" not in init.bootenv.read() and init.bootenv.committed() == 1
+
+
+def test_uboot_env_torn_by_u_boot_boots_the_committed_revision(upi: UBootPi) -> None:
+    """The power went while U-Boot's saveenv wrote the marker: uboot.env is torn,
+    U-Boot runs on its defaults and boots pvrev.env's revision; PID 1 reads the same,
+    reports the forgotten try ERROR, and its next write makes uboot.env whole again."""
+    init = FakePid1(upi.store.root, upi.env(), upi.state(1))
+    Applier(init).verified(2, None)
+    data = bytearray((upi.fat / rpiboot.UBOOT_ENV).read_bytes())
+    data[: len(data) // 2] = bytes(len(data) // 2)  # half of saveenv's bytes made it
+    (upi.fat / rpiboot.UBOOT_ENV).write_bytes(bytes(data))
+    assert upi.u_boot() == "pv_rev=1"
+    init, _ = upi.boot()
+    assert (init.boot_revision, init.boot_trying, init.failed_try) == (1, False, None)
+    assert record(upi, 2).status == up.ERROR
+    assert init.bootenv.read() == {**U_BOOT_DEFAULTS, "pv_rev": "1"}
+    # The next update's write starts a good uboot.env from U-Boot's defaults.
+    init.bootenv.write({"pv_try": "3", "pv_bootcount": "0"})
+    assert not init.bootenv.was_corrupt
+    assert init.bootenv.read() == {**U_BOOT_DEFAULTS, "pv_rev": "1", "pv_try": "3",
+                                   "pv_bootcount": "0"}  # fmt: skip

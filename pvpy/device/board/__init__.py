@@ -204,6 +204,9 @@ def mount_storage(config: BoardConfig, target: Path, override: str | None) -> st
     return device
 
 
+NETWORK_WAIT = 15.0  # seconds the board's interface may take to appear
+
+
 def setup_network(config: BoardConfig) -> None:
     """Bring up lo and the board's interface: static address or DHCP (busybox)."""
     from pvpy import _run
@@ -211,6 +214,9 @@ def setup_network(config: BoardConfig) -> None:
     mode = config.network.get("mode", "none")
     iface = config.network.get("interface", "eth0")
     commands = [["ip", "link", "set", "lo", "up"]]
+    # a USB Ethernet (a Pi 3's, QEMU raspi3b's usb-net) appears seconds into the boot
+    if mode in ("static", "dhcp") and not wait_for(f"/sys/class/net/{iface}", NETWORK_WAIT):
+        log.warning("no network interface", interface=iface, waited_s=NETWORK_WAIT)
     if mode == "static":
         commands += [
             ["ip", "link", "set", iface, "up"],

@@ -1,6 +1,13 @@
 """Raspberry Pi board mode: the config partition's boot env, the boot choice, and
 writing the try boot partition.
 
+Two ways a Pi boots (board.json's ``rpi.boot``): ``u-boot`` (the default of
+boards/rpi3 and boards/rpi4): the first FAT partition holds U-Boot's ``uboot.env``
+and the committed revision (``pvpy.device.bootenv.ubootfat``); U-Boot's boot script
+chooses the revision and says so on the kernel command line, as on qemu-arm64. Or
+``tryboot`` (boards/rpi4-tryboot, boards/rpi5, for the Raspberry Pi kernel): the
+firmware's A/B boot partitions, described below.
+
 On the device the update child (``pvpy device write-boot``, never PID 1) writes
 the revision that is to be try-booted into the *other* boot partition with
 ``write_boot_partition`` (the files ``pvpy.rpiboot.boot_files`` lays out, as the
@@ -133,6 +140,7 @@ def partition_device(sibling: str, number: int) -> str | None:
 
 
 RPI_CONFIG_DIR = "/run/pvpy-config"  # where PID 1 mounts the config partition (autoboot.txt)
+UBOOT = "u-boot"  # board.json rpi.boot: U-Boot's environment on the config partition
 RPI_BOOT_DIR = "/run/pvpy-boot"  # where the update child mounts the try boot partition
 
 
@@ -140,17 +148,15 @@ def open_rpi_bootenv(
     config: BoardConfig, storage_device: str, mountpoint: str, dt_bootloader: Path | None = None,
 ) -> Any:  # fmt: skip
     """Mount the Pi's config partition (vfat, beside the storage on the same disk)
-    on ``mountpoint`` and return its boot environment (``pvpy.device.bootenv.rpi.RpiTryboot``).
+    on ``mountpoint`` and return its boot environment: ``UBootFatEnv`` on a U-Boot
+    board, else ``pvpy.device.bootenv.rpi.RpiTryboot``.
 
     ``storage_device`` may be a directory with ``p<N>`` directories beside it
     standing in for the partitions (tests): nothing is mounted then, and
     ``dt_bootloader`` stands in for the firmware's device-tree node.
     Raises DeviceError.
     """
-    from pvpy.device.bootenv.rpi import RpiTryboot
-
     number = int(config.rpi.get("config_partition", 1))
-    boot = tuple(int(p) for p in config.rpi.get("boot_partitions", (2, 3)))
     device = partition_device(storage_device, number)
     if device is None:
         raise DeviceError(f"rpi: no partition {number} beside the storage {storage_device}")
@@ -164,19 +170,43 @@ def open_rpi_bootenv(
             raise DeviceError(f"rpi: config partition {device}: {e}") from e
         where = mountpoint
         log.info("config partition mounted", device=device, target=mountpoint)
+    if config.rpi.get("boot") == UBOOT:
+        from pvpy.device.bootenv.ubootfat import UBootFatEnv
+
+        _remove_temp_files(Path(where))
+        return UBootFatEnv(Path(where))
+    from pvpy.device.bootenv.rpi import RpiTryboot
+
+    boot = tuple(int(p) for p in config.rpi.get("boot_partitions", (2, 3)))
     if dt_bootloader is None:
         return RpiTryboot(Path(where), partitions=(boot[0], boot[1]))
     return RpiTryboot(Path(where), partitions=(boot[0], boot[1]), dt_bootloader=dt_bootloader)
 
 
+def _remove_temp_files(directory: Path) -> None:
+    """Temp files a power cut left in the FAT root (``write_atomic``'s ``.NAME.*.tmp``)."""
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(directory):
+            if entry.startswith(".") and entry.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    (directory / entry).unlink()
+
+
 def rpi_boot_choice(env: Any, cmdline: BootArgs) -> tuple[BootArgs, str | None]:
-    """The tryboot choice (``RpiTryboot.choose``) as BootArgs, checked against the
-    booted partition's cmdline.txt (``pv_rev``: whose files the firmware loaded),
-    and why a failed try failed when the boot env knows. Raises BootEnvError.
+    """The boot choice and, when the boot env knows, why a failed try failed.
+
+    U-Boot chose already and said so on the command line (``pv_rev``,
+    ``pv_trying``, ``pv_failed_try``), as on qemu-arm64: that stands. Tryboot:
+    ``RpiTryboot.choose`` as BootArgs, checked against the booted partition's
+    cmdline.txt (``pv_rev``: whose files the firmware loaded). Raises BootEnvError.
 
     A try whose partition holds another revision's files is not tested: it
     fails, and the committed revision runs.
     """
+    from pvpy.device.bootenv.rpi import RpiTryboot
+
+    if not isinstance(env, RpiTryboot):
+        return cmdline, None
     choice = env.choose()
     revision, trying, failed, reason = choice.revision, choice.trying, choice.failed_try, \
         choice.reason  # fmt: skip

@@ -6,8 +6,9 @@ their parsing are named once, in ``pvpy.bootvars``.
 Every backend writes all changed variables in one atomic batch: chained
 single writes can brick a device on power loss (SWUpdate's warning about
 chained fw_setenv). Backends, one module each behind
-the ``BootEnv`` protocol: ``file`` (the sandbox), ``uboot``, ``grub`` and ``rpi``
-(Raspberry Pi tryboot); ``open_bootenv`` picks one from its spec.
+the ``BootEnv`` protocol: ``file`` (the sandbox), ``uboot``, ``uboot-fat`` (U-Boot's
+``uboot.env`` on a Raspberry Pi's FAT partition, with the committed revision beside it),
+``grub`` and ``rpi`` (Raspberry Pi tryboot); ``open_bootenv`` picks one from its spec.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def choose_boot(env: BootEnv, max_tries: int = 1) -> BootChoice:
 
 def open_bootenv(spec: str) -> BootEnv:
     """A backend from its spec: ``file:PATH``, ``uboot:PATH[,REDUNDANT_PATH]``,
-    ``grub:PATH`` or ``rpi:BOOT_DIR``. Raises BootEnvError."""
+    ``uboot-fat:FAT_DIR``, ``grub:PATH`` or ``rpi:BOOT_DIR``. Raises BootEnvError."""
     from pathlib import Path
 
     kind, _, where = spec.partition(":")
@@ -76,6 +77,10 @@ def open_bootenv(spec: str) -> BootEnv:
 
         first, _, second = where.partition(",")
         return UBootEnv(Path(first), redundant_path=Path(second) if second else None)
+    if kind == "uboot-fat":
+        from pvpy.device.bootenv.ubootfat import UBootFatEnv
+
+        return UBootFatEnv(Path(where))
     if kind == "grub":
         from pvpy.device.bootenv.grub import GrubEnv
 
@@ -84,4 +89,6 @@ def open_bootenv(spec: str) -> BootEnv:
         from pvpy.device.bootenv.rpi import RpiTryboot
 
         return RpiTryboot(Path(where))
-    raise BootEnvError(f"unknown boot environment kind {kind!r} (file, uboot, grub, rpi)")
+    raise BootEnvError(
+        f"unknown boot environment kind {kind!r} (file, uboot, uboot-fat, grub, rpi)"
+    )

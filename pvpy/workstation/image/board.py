@@ -3,7 +3,9 @@
 Pure reading: no I/O beyond loading the one YAML file. What the Raspberry Pi
 boards' partition list means (which MBR partition is config, boot A/B and
 storage) is read here too, because PID 1's board file (``device_config``)
-carries it; the disk itself is built in ``rpi``.
+carries it; the disk itself is built in ``rpi``. A Pi board boots through
+Debian's U-Boot (``bootloader.type: u-boot-rpi``: rpi3, rpi4) or the firmware's
+tryboot (``rpi-tryboot``: rpi4-tryboot, rpi5).
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from typing import Any
 from pvpy.errors import ManifestError, UsageError
 
 __all__ = [
-    "BOARDS", "PACKAGE", "REPO", "RPI_BOOTLOADER", "Board", "RpiLayout", "is_rpi", "load_board",
-    "rpi_dtb_name", "rpi_layout", "size_bytes",
+    "BOARDS", "PACKAGE", "REPO", "RPI_BOOTLOADER", "RPI_UBOOT", "Board", "RpiLayout", "is_rpi",
+    "is_rpi_uboot", "load_board", "rpi_dtb_name", "rpi_layout", "size_bytes",
 ]  # fmt: skip
 
 PACKAGE = Path(__file__).resolve().parents[2]  # pvpy/, copied into the initramfs
 REPO = PACKAGE.parent
 BOARDS = REPO / "boards"
-RPI_BOOTLOADER = "rpi-tryboot"  # bootloader.type of the Raspberry Pi boards
+RPI_BOOTLOADER = "rpi-tryboot"  # bootloader.type of the Pi boards the firmware A/Bs
+RPI_UBOOT = "u-boot-rpi"  # bootloader.type of the Pi boards booted through Debian's U-Boot
 _SIZE = re.compile(r"^(\d+)([KMG]?)$")
 
 
@@ -55,7 +58,9 @@ class Board:
             "modules_on_demand": list(self.doc.get("modules_on_demand", [])),
             "network": dict(self.doc.get("network") or {}),
         }
-        if is_rpi(self):  # what PID 1 needs for tryboot and to write a try partition
+        if is_rpi_uboot(self):  # uboot.env and pvrev.env on the first FAT partition
+            config["rpi"] = {"boot": "u-boot", "config_partition": rpi_layout(self).config}
+        elif is_rpi(self):  # what PID 1 needs for tryboot and to write a try partition
             layout = rpi_layout(self)
             config["rpi"] = {
                 "config_partition": layout.config,
@@ -75,7 +80,7 @@ def load_board(name: str) -> Board:
     try:
         doc = yaml.safe_load((path / "board.yaml").read_text())
     except OSError as e:
-        known = sorted(p.name for p in BOARDS.iterdir()) if BOARDS.is_dir() else []
+        known = sorted(p.parent.name for p in BOARDS.glob("*/board.yaml"))
         raise UsageError(f"no board {name!r} ({e.strerror}); boards: {known}") from e
     except yaml.YAMLError as e:
         raise ManifestError(f"{path / 'board.yaml'}: invalid YAML: {e}") from e
@@ -95,22 +100,42 @@ def size_bytes(text: str | int) -> int:
 # -- Raspberry Pi boards ---------------------------------------------------------------------
 
 
+def _bootloader_type(board: Board) -> object:
+    return (board.doc.get("bootloader") or {}).get("type")
+
+
 def is_rpi(board: Board) -> bool:
-    return (board.doc.get("bootloader") or {}).get("type") == RPI_BOOTLOADER
+    """A Raspberry Pi board (MBR, FAT), whichever way it boots."""
+    return _bootloader_type(board) in (RPI_BOOTLOADER, RPI_UBOOT)
+
+
+def is_rpi_uboot(board: Board) -> bool:
+    """A Raspberry Pi booted through Debian's U-Boot (its env in uboot.env on FAT)."""
+    return _bootloader_type(board) == RPI_UBOOT
 
 
 @dataclass(frozen=True)
 class RpiLayout:
     """Which MBR partition (1-4) is which, from the order of the board's partitions."""
 
-    config: int
-    boot: tuple[int, int]  # A, B: autoboot.txt's boot_partition values
+    config: int  # the first FAT partition: autoboot.txt, or U-Boot and uboot.env
+    boot: tuple[int, ...]  # tryboot's A, B (autoboot.txt's boot_partition values); U-Boot: ()
     storage: int
 
 
 def rpi_layout(board: Board) -> RpiLayout:
-    """Raises ManifestError unless the board lists config, two boot and one ext4 partition."""
+    """Raises ManifestError unless the board lists config, two boot and one ext4 partition
+    (tryboot), or one FAT and one ext4 partition (U-Boot)."""
     parts = board.get("partitions")
+    if is_rpi_uboot(board):
+        fats = [i + 1 for i, p in enumerate(parts) if p.get("fs") == "vfat"]
+        ext4 = [i + 1 for i, p in enumerate(parts) if p.get("fs") == "ext4"]
+        if len(parts) > 4 or fats[:1] != [1] or len(fats) != 1 or len(ext4) != 1:
+            raise ManifestError(
+                f"board {board.name}: MBR partitions must be a first vfat one (firmware, "
+                "U-Boot, uboot.env) and one ext4 (at most 4)"
+            )
+        return RpiLayout(config=1, boot=(), storage=ext4[0])
     content = [str(p.get("content", "")) for p in parts]
     boots = [i + 1 for i, c in enumerate(content) if c == "boot"]
     storage = [i + 1 for i, p in enumerate(parts) if p.get("fs") == "ext4"]

@@ -1,0 +1,1 @@
+../qemu-arm64/boot.cmd

@@ -179,3 +179,20 @@ def dir_owner_inside(root: Path, target: str) -> tuple[int, int, int] | None:
         if not stat.S_ISDIR(st.st_mode):
             return None
     return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+EXT4_IOC_CHECKPOINT = 0x4004662B  # _IOW('f', 43, __u32); Linux 5.13+
+
+
+def ext4_checkpoint(directory: str) -> None:
+    """Write ext4's journal out into the file system proper, on the file system
+    holding ``directory``: what a reader that does not replay the journal (U-Boot's
+    ext4load) sees. Raises OSError: ENOTTY when it is no ext4, EINVAL/EOPNOTSUPP
+    on a kernel without the ioctl."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = ctypes.c_uint32(0)
+        request = ctypes.c_ulong(EXT4_IOC_CHECKPOINT)
+        _check(_libc().ioctl(ctypes.c_int(fd), request, ctypes.byref(flags)), "ext4 checkpoint")
+    finally:
+        os.close(fd)

@@ -6,7 +6,9 @@ network client, so a hung or hostile client can at worst stall or kill this
 process. The server talks to PID 1 only through its control socket (one JSON
 line each way, at most ``CONTROL_SLOTS`` requests in flight), reads update
 records and container logs from the storage, and does the heavy work itself:
-hashing uploads while they stream, checking signatures, installing trails.
+hashing uploads while they stream; checking signatures and schemas and
+installing trails happen in a short-lived child (``_verify``), so the crypto
+and schema libraries never stay in this long-lived process.
 
 Endpoints (``docs/openapi.yaml`` is the contract; the tests fuzz the server
 from it)::
@@ -53,6 +55,7 @@ Modules, one concept each (private: this package exports what is below)::
     _endpoints   what each endpoint does, and the route table (add endpoints here)
     _handler     HTTP: parsing, authorization, bodies, replies, errors
     _staging     checking a posted state, pending sizes, install and apply
+    _verify      the short-lived child that verifies and installs posted states
     _pid1        the client of PID 1's control socket, a few requests at a time
     _token       the TCP bearer token
     _logs        container log files: tail and follow
@@ -63,9 +66,28 @@ Modules, one concept each (private: this package exports what is below)::
 
 from __future__ import annotations
 
-from pvpy.device.api._limits import Limits
-from pvpy.device.api._listeners import parse_hostport
-from pvpy.device.api._serve import serve
-from pvpy.device.api._staging import parse_revision_body
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from pvpy.device.api._limits import Limits
+    from pvpy.device.api._listeners import parse_hostport
+    from pvpy.device.api._serve import serve
+    from pvpy.device.api._staging import parse_revision_body
 
 __all__ = ["Limits", "parse_hostport", "parse_revision_body", "serve"]
+
+# Imported on first use: the verifier child (``python -m pvpy.device.api._verify``)
+# runs this file first and needs none of the server (http.server, ssl, ...).
+_EXPORTS = {
+    "Limits": "pvpy.device.api._limits",
+    "parse_hostport": "pvpy.device.api._listeners",
+    "serve": "pvpy.device.api._serve",
+    "parse_revision_body": "pvpy.device.api._staging",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

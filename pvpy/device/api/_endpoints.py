@@ -117,11 +117,9 @@ def post_missing(h: Handler) -> None:
     body = h.read_json(max(api.limits.max_json, api.limits.max_revision_body))
     if "state" in body:
         verified = api.staging.check(body)
-        refs = verified.state.objects().values()
-        missing = [r for r in refs if not api.storage.objects.has(r.sha256)]
-        h.reply(200, {"revision": verified.revision,
-                      "missing": [r.sha256 for r in missing],
-                      "bytes": sum(r.size for r in missing)})  # fmt: skip
+        missing = {n: size for n, size in verified.sizes.items() if not api.storage.objects.has(n)}
+        h.reply(200, {"revision": verified.revision, "missing": list(missing),
+                      "bytes": sum(missing.values())})  # fmt: skip
         return
     unknown = sorted(set(body) - {"objects"})
     if unknown:

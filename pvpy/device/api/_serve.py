@@ -86,10 +86,12 @@ def _device_tls(root: Path) -> tuple[Path, Path] | None:
     """The storage's certificate and key, made if missing; the credentials file
     (when it is the storage's) gains the certificate's pin. None when they cannot be
     made: TCP is then not served at all (never plain HTTP by accident)."""
-    from pvpy.provision import make_api_credentials, make_api_tls
+    from pvpy.device.api._verify import make_device_tls
+    from pvpy.provision import make_api_credentials
 
     try:
-        make_api_tls(root)
+        if not ((root / paths.API_CERT).is_file() and (root / paths.API_KEY).is_file()):
+            make_device_tls(root)  # in a child: the crypto library stays out of this process
     except PvpyError as e:
         log.error("api: no TLS certificate and none can be made: TCP not served", error=str(e))
         return None

@@ -2,8 +2,9 @@
 sizes that hold uploads, installing and handing the revision to PID 1.
 
 The checks themselves are ``pvpy.device.update``'s (the one place unverified
-bytes become a ``VerifiedRevision``); this module only parses the HTTP body
-and keeps what the API must remember between requests of one push.
+bytes become a ``VerifiedRevision``), run in a short-lived child (``_verify``):
+this module only parses the HTTP body and keeps what the API must remember
+between requests of one push.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 
 from pvpy.device import update as up
 from pvpy.device.api._pid1 import Control
+from pvpy.device.api._verify import VerifiedSummary, Verifier
 from pvpy.errors import ApiError, one_line
 from pvpy.log import get_logger
 from pvpy.store import Storage
-from pvpy.trust import VerifiedRevision, load_trust
 
 log = get_logger("api")
 
@@ -89,8 +90,8 @@ class Pending:
         self._lock = threading.Lock()
         self._checked = 0
 
-    def add(self, verified: VerifiedRevision) -> None:
-        sizes = {ref.sha256: ref.size for ref in verified.state.objects().values()}
+    def add(self, verified: VerifiedSummary) -> None:
+        sizes = dict(verified.sizes)
         now = time.monotonic()
         with self._lock:
             states = self._states
@@ -125,16 +126,19 @@ class Staging:
     control: Control
     max_state: int
     pending: Pending = field(default_factory=Pending)
+    verifier: Verifier = field(init=False)
     # One install at a time in this process (update.install_lock also keeps out the
     # CLI and the puller, but waits: a second push is refused at once instead).
     install_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def check(self, body: dict[str, Any]) -> VerifiedRevision:
-        """Verify a posted state (recorded WONTGO when refused); its objects' sizes
-        become pending. Raises ApiError, TrustError, ManifestError, DeviceError."""
+    def __post_init__(self) -> None:
+        self.verifier = Verifier(self.storage.root)
+
+    def check(self, body: dict[str, Any]) -> VerifiedSummary:
+        """Verify a posted state in a child (recorded WONTGO when refused); its objects'
+        sizes become pending. Raises ApiError, TrustError, ManifestError, DeviceError."""
         state, signature, keyset = parse_revision_body(body, self.max_state)
-        trust = load_trust(self.storage.root)
-        verified = up.verify_incoming(self.storage, state, signature, keyset, trust)
+        verified = self.verifier.check(state, signature, keyset)
         self.pending.add(verified)
         return verified
 
@@ -152,10 +156,7 @@ class Staging:
         if not self.install_lock.acquire(timeout=1.0):
             raise ApiError(409, "another revision is being installed", kind="device")
         try:
-            trust = load_trust(self.storage.root)
-            verified = up.verify_incoming(self.storage, state, signature, keyset, trust)
-            revision = verified.revision
-            up.install_verified(self.storage, verified)
+            revision = self.verifier.install(state, signature, keyset).revision
             self.pending.drop(revision)
             log.info("revision installed", revision=revision)
             reply = up.hand_to_pid1(

@@ -396,7 +396,7 @@ def test_readiness_checks_and_group_timeout(
                 status_goal="READY",
                 readiness={
                     "type": "command",
-                    "command": ["cat", "/tmp/ok"],
+                    "command": ["sh", "-c", "echo readiness-noise-$((6*7)); cat /tmp/ok"],
                     "interval_ms": "200ms",
                 },
             ),
@@ -429,6 +429,8 @@ def test_readiness_checks_and_group_timeout(
     )
     assert status["goals_missed"] == ["never"]
     assert not status["all_goals_met"]
+    # a check's own output is no news: not on PID 1's console (the sandbox's log)
+    assert "readiness-noise-42" not in device.log_path.read_text(errors="replace")
     never = next(c for c in status["containers"] if c["name"] == "never")
     assert never["status"] == "STARTED"
     events = device.events()

@@ -110,7 +110,12 @@ class ReadinessChecks:
             argv = list(r.command) if r.type == "command" else [
                 "sh", "-c", f"nc -z 127.0.0.1 {r.port} || (echo > /dev/tcp/127.0.0.1/{r.port})"
             ]  # fmt: skip
-            pid = _run.spawn(self.runtime.exec_argv(m.spec, argv))
+            # its output ("initializing", "offline") is no news: not on PID 1's console
+            quiet = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                pid = _run.spawn(self.runtime.exec_argv(m.spec, argv), stdout=quiet, stderr=quiet)
+            finally:
+                os.close(quiet)
             m.check_pid = pid
             m.check_deadline = now + r.timeout_ms / 1000
             self._by_pid[pid] = m

@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=600.0,
         metavar="SECONDS",
-        help="wait before trying a revision whose download failed again (default 600)",
+        help="wait before trying again a revision refused for its objects' bytes "
+        "(default 600); failed transfers are retried with backoff",
     )
     _registry_options(p)
     p = dev.add_parser(
@@ -331,8 +332,8 @@ def _registry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--auth-file",
         metavar="FILE",
-        help="basic auth, user:password, mode 0600 (device default: "
-        "STORAGE/config/registry-auth when it exists)",
+        help="user:password, mode 0600, given only when the registry asks (Basic, or to its "
+        "token server for a bearer token; device default: STORAGE/config/registry-auth)",
     )
 
 

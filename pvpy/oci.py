@@ -200,12 +200,3 @@ def unverified_revision_number(state: bytes) -> int | None:
         return None
     revision = doc.get("revision") if isinstance(doc, dict) else None
     return revision if isinstance(revision, int) and not isinstance(revision, bool) else None
-
-
-def __getattr__(name: str) -> Any:
-    """The client moved to ``pvpy.registry``: ``from pvpy.oci import Registry`` still works."""
-    if name in ("Registry", "BlobStream", "BlobRefusedError"):
-        from pvpy import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -110,8 +110,9 @@ def device_pull(args: argparse.Namespace) -> int:
     from pvpy import paths
     from pvpy.device.puller import Puller, run
     from pvpy.log import configure
-    from pvpy.oci import Reference, Registry, load_auth
+    from pvpy.oci import Reference, load_auth
     from pvpy.paths import sandbox_run_dir
+    from pvpy.registry import Registry
     from pvpy.store import Storage
 
     if not args.verbose and "PVPY_LOG_LEVEL" not in os.environ:

@@ -21,7 +21,7 @@ from pvpy._text import Report, clip, human_size, print_table, show_status
 from pvpy.errors import UsageError
 
 if TYPE_CHECKING:
-    from pvpy.oci import Registry
+    from pvpy.registry import Registry
     from pvpy.workstation.remote import Device
 
 __all__ = ["HANDLERS"]
@@ -207,7 +207,8 @@ def state_show(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace, host: str) -> Registry:
-    from pvpy.oci import Registry, load_auth
+    from pvpy.oci import load_auth
+    from pvpy.registry import Registry
 
     auth = load_auth(Path(args.auth_file)) if args.auth_file else None
     return Registry(host, plain_http=args.plain_http, cacert=args.cacert, auth=auth)

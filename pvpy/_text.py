@@ -190,7 +190,14 @@ def print_status(status: Mapping[str, Any], no_trunc: bool = False) -> None:
             print(f"try        {status['try']}")
         if status.get("updating") is not None:
             line = f"updating   {status['updating']}"
-            if testing is not None and testing.get("testing_at"):
+            countdown = status.get("testing")
+            if isinstance(countdown, Mapping) and countdown.get("revision") == status["updating"]:
+                line += f" (TESTING for {ago(countdown['for'])}: " + (
+                    f"commits in {ago(countdown['commit_in'])})"
+                    if countdown.get("commit_in") is not None
+                    else f"goals not met, gives up in {ago(countdown['gives_up_in'])})"
+                )
+            elif testing is not None and testing.get("testing_at"):
                 line += (f" (TESTING for {ago(time.time() - testing['testing_at'])}: commits "
                          "once every goal held for the commit delay)")  # fmt: skip
             print(line)

@@ -597,3 +597,32 @@ def test_boot_counting_abandons_a_try_after_n_boots(tmp_path: Path) -> None:
     ]
     assert choices[-1].failed_try == 4
     assert env.read()["pv_bootcount"] == "3"
+
+
+def test_status_counts_down_while_testing(tmp_path: Path, sandbox: Any, signing_dir: Path) -> None:
+    """While an update is TESTING, status says for how long, when it commits (every
+    goal held so far) or when it gives up: a number, and a line people read."""
+    revs = revisions(tmp_path, signing_dir)
+    device = sandbox(revs["v1"], "--commit-delay", "6", "--commit-timeout", "60")
+    device.wait_goals()
+    update = subprocess.Popen(
+        [sys.executable, "-m", "pvpy", "device", "update", str(revs["v2"]), "--storage",
+         str(device.storage)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        status = device.wait_for(
+            "a commit countdown",
+            lambda s: bool(s.get("testing")) and s["testing"]["commit_in"] is not None,
+            timeout=60,
+        )
+        countdown = status["testing"]
+        assert countdown["revision"] == 2 and 0 < countdown["commit_in"] <= 6
+        assert 0 < countdown["gives_up_in"] <= 60 and countdown["for"] >= 0
+        shown = pvpy("device", "status", "--storage", device.storage).stdout
+        assert "updating   2 (TESTING for" in shown and "commits in" in shown, shown
+        out, _ = update.communicate(timeout=90)
+    finally:
+        if update.poll() is None:
+            update.kill()
+    assert "UPDATED" in out
+    assert device.status()["testing"] is None

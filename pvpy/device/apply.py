@@ -102,6 +102,22 @@ class Applier:
             return time.monotonic()  # met since the last check: start the commit delay now
         return u.testing_since + self.host.commit_timeout
 
+    def countdown(self) -> dict[str, Any] | None:
+        """While TESTING: seconds until the commit (every goal held so far) or until
+        the commit timeout gives up (a goal not met), for status to show."""
+        u = self.update
+        if u is None or u.phase != "testing":
+            return None
+        now = time.monotonic()
+        if u.goals_met_at is not None:
+            commit_in: float | None = max(0.0, u.goals_met_at + self.host.commit_delay - now)
+        else:
+            commit_in = None
+        gives_up_in = max(0.0, u.testing_since + self.host.commit_timeout - now)
+        return {"revision": u.revision, "for": round(now - u.testing_since, 1),
+                "commit_in": None if commit_in is None else round(commit_in, 1),
+                "gives_up_in": round(gives_up_in, 1)}  # fmt: skip
+
     def reconcile(self, booted: int | None) -> None:
         """Make every update record tell the truth after a (re)boot (see
         ``reconcile_records``); a try we are booting now goes to TESTING."""

@@ -188,6 +188,7 @@ def status(pid1: Pid1) -> dict[str, Any]:
         "updates": [p.to_dict() for p in updates_shown],
         "updates_total": updates_total,
         "trying": updates.trying,
+        "testing": updates.countdown(),
         "boot_error": boot.boot_error,
         "pending": pid1.shutdown.action,
         "uptime": round(time.monotonic() - pid1.booted_at, 3),

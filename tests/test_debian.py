@@ -321,13 +321,6 @@ MACHINE_CGROUP2 = Path("/sys/fs/cgroup/unified")  # a v1-hybrid machine's cgroup
 @pytest.mark.skipif(
     not (MACHINE_CGROUP2 / "cgroup.procs").exists(), reason="no v1-hybrid cgroup2 here"
 )
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: on a v1-hybrid machine systemd in the sandbox's host OS makes its cgroup2 "
-    "tree (init.scope, system.slice, ...) at the root of the machine's cgroup2 hierarchy: "
-    "nothing moves the host OS into a group of its own there before its cgroup namespace",
-)
 def test_systemd_keeps_out_of_the_machines_cgroup2_root(
     device: SandboxDevice,
 ) -> None:

@@ -41,7 +41,7 @@ def _wait(pid: int) -> int:
             return 0
 
 
-def _start_pid1(argv: list[str]) -> NoReturn:
+def _start_pid1(argv: list[str], cgroup2: Path | None) -> NoReturn:
     """In a forked child: new pid namespace, fork its PID 1, relay its end.
 
     unshare(CLONE_NEWPID) works once per process, so each boot gets a fresh
@@ -60,6 +60,8 @@ def _start_pid1(argv: list[str]) -> NoReturn:
         pid1 = os.fork()
         if pid1 == 0:
             _linux.set_parent_death_signal(signal.SIGKILL)
+            if cgroup2 is not None:
+                _enter_cgroup2(cgroup2)
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(sig, signal.SIG_DFL)
             _linux.unshare(_linux.CLONE_NEWNS | _linux.CLONE_NEWUTS | _linux.CLONE_NEWIPC)
@@ -84,11 +86,32 @@ def _start_pid1(argv: list[str]) -> NoReturn:
     os._exit(127)
 
 
-def _boot_once(argv: list[str]) -> int:
+def _enter_cgroup2(group: Path) -> None:
+    """Move this process into ``group`` of the host's cgroup2 hierarchy beside v1
+    (a hybrid host), before PID 1 starts: its containers' cgroup namespaces are then
+    rooted there, not at the host's own cgroup2 root, where systemd in a host OS
+    made its groups (init.scope, system.slice) for every device to share."""
+    try:
+        group.mkdir(exist_ok=True)
+        (group / "cgroup.procs").write_text("0")
+    except OSError as e:
+        os.write(2, f"sandbox: cannot enter {group}: {e}\n".encode())
+
+
+def _remove_cgroup2(group: Path) -> None:
+    """The group and what the containers made in it, once they are gone (best effort)."""
+    for path in sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            path.rmdir()
+    with contextlib.suppress(OSError):
+        group.rmdir()
+
+
+def _boot_once(argv: list[str], cgroup2: Path | None = None) -> int:
     """Boot PID 1 of fresh namespaces running ``argv``; return its wait status."""
     pid = os.fork()
     if pid == 0:
-        _start_pid1(argv)
+        _start_pid1(argv, cgroup2)
 
     def relay(_signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -137,6 +160,8 @@ def _run_locked(
 
     env = FileBootEnv(storage_dir / paths.BOOTENV)
     run_dir = paths.sandbox_run_dir(storage_dir)
+    unified = Path("/sys/fs/cgroup/unified")
+    cgroup2 = unified / f"pvpy-{run_dir.name}" if (unified / "cgroup.procs").is_file() else None
     # PID 1 compares this with its own before calling reboot(2): never the host's.
     os.environ["PVPY_HOST_PIDNS"] = os.readlink("/proc/self/ns/pid")
     boots = 0
@@ -164,7 +189,7 @@ def _run_locked(
                 argv.append("--trying")
             if choice.failed_try is not None:
                 argv += ["--failed-try", str(choice.failed_try)]
-            status = _boot_once(argv + init_args)
+            status = _boot_once(argv + init_args, cgroup2)
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == POWERCUT_EXIT:
                 # A simulated power cut happens once: later boots run without it.
                 os.environ.pop("PVPY_POWERCUT", None)
@@ -185,3 +210,5 @@ def _run_locked(
         return 0
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+        if cgroup2 is not None:
+            _remove_cgroup2(cgroup2)

@@ -796,3 +796,41 @@ def test_fuzz_the_api_from_its_openapi_document(
         after = device.status()
         assert after["revision"] == 1 and after["pending"] is None
         assert pids(after)["steady"] == pids(before)["steady"]
+
+
+def test_rollback_stop_and_halt_over_the_api(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
+    """The device verbs that were only local take a URL too (#19): rollback (followed
+    to its end), stop a container, halt."""
+    base = {"hostos": HOSTOS, "steady": app(IDLE)}
+    v1 = factory(tmp_path, signing_dir)
+    v2 = build_revision(
+        tmp_path, signing_dir, 2, {**base, "web": variant(tmp_path, "v2", "echo web v2; " + IDLE)}
+    )
+    port = free_port()
+    device: SandboxDevice = sandbox(v1, *COMMIT, "--api-tcp", f"127.0.0.1:{port}")
+    token = provision_token(device.storage)
+    wait_api(Client(port, token))
+    token_file = credentials_file(device.storage, token, tmp_path / "token")
+    url = f"https://127.0.0.1:{port}"
+    device.wait_goals()
+    assert "UPDATED" in pvpy("device", "push", url, v2, "--token-file", token_file,
+                             timeout=120).stdout  # fmt: skip
+
+    out = pvpy("device", "rollback", url, "--token-file", token_file, timeout=120)
+    assert "rolling back from revision 2 to revision 1" in out.stdout, out.stdout
+    back = device.wait_for("back on 1", lambda s: s["updating"] is None and s["all_goals_met"])
+    assert back["revision"] == 1 and back["committed"] == 1
+    # nothing older than 1: PID 1 refuses, one line, exit 10
+    out = pvpy("device", "rollback", url, "--token-file", token_file, check=False)
+    assert out.returncode == 10 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+    assert "steady: stop requested" in pvpy("device", "stop", url, "steady",
+                                            "--token-file", token_file).stdout  # fmt: skip
+    device.wait_for("steady stopped", lambda s: any(
+        c["name"] == "steady" and c["status"] == "STOPPED" for c in s["containers"]))  # fmt: skip
+
+    assert "halt: requested" in pvpy("device", "halt", url, "--token-file", token_file).stdout
+    assert device.proc is not None
+    device.proc.wait(timeout=60)  # halted: the sandbox ends

@@ -315,8 +315,9 @@ def test_named_devices(tmp_path: Path) -> None:
     assert "127.0.0.1:9" in line
     line = fails(2, "device", "logs", "web", env={**env, "PVPY_DEVICE": "bench"})
     assert "no log of container 'web'" in line
-    # what the API cannot do yet says so, and how
-    assert "--storage" in fails(2, "device", "stop", "lab", "web", env=env)
+    # stop and rollback go over the API too (tests/test_api.py runs them on a device)
+    assert "127.0.0.1:9" in fails(10, "device", "stop", "lab", "web", env=env)
+    assert "127.0.0.1:9" in fails(10, "device", "rollback", "lab", env=env)
     # bad input: one line, nothing saved
     before = saved.read_bytes()
     assert "a device name is" in fails(2, "device", "add", "9lives", "https://x:1", env=env)

@@ -315,16 +315,31 @@ def device_command(args: argparse.Namespace) -> int:
         before = pid_of(args.container, containers())
         device.call("POST", f"/v1/containers/{quote(args.container, safe='')}/restart")
         print(await_restart(args.container, before, containers))
+    elif args.verb == "stop":
+        from urllib.parse import quote
+
+        device.call("POST", f"/v1/containers/{quote(args.container, safe='')}/stop")
+        print(f"{args.container}: stop requested")
     else:
         device.call("POST", f"/v1/commands/{args.verb}")
         print(f"{args.verb}: requested")
     return 0
 
 
-def device_local_only(args: argparse.Namespace) -> int:
-    """Verbs the device API does not offer (yet): only on the device itself."""
-    raise UsageError(f"device {args.verb}: the device API has no such command yet; "
-                     f"run it on the device: pvpy device {args.verb} --storage DIR")  # fmt: skip
+def device_rollback(args: argparse.Namespace) -> int:
+    """Back to the newest good older revision, over the API, followed to its end."""
+    from pvpy._text import Report
+    from pvpy.workstation.remote import follow
+
+    say = Report(args.json)
+    device = _remote(args)
+    running = device.call("GET", "/v1/status").get("revision")
+    target = int(device.call("POST", "/v1/rollback")["revision"])
+    say(f"rolling back from revision {running} to revision {target}", revision=target,
+        rolling_back_from=running, status="ROLLBACK")  # fmt: skip
+    if args.no_wait:
+        return 0
+    return follow(device, target, args.timeout, say)
 
 
 def device_add(args: argparse.Namespace) -> int:
@@ -406,9 +421,9 @@ HANDLERS: dict[tuple[str, str], Callable[[argparse.Namespace], int]] = {
     ("device", "restart"): device_command,
     ("device", "reboot"): device_command,
     ("device", "poweroff"): device_command,
-    ("device", "stop"): device_local_only,
-    ("device", "halt"): device_local_only,
-    ("device", "rollback"): device_local_only,
+    ("device", "stop"): device_command,
+    ("device", "halt"): device_command,
+    ("device", "rollback"): device_rollback,
     ("device", "add"): device_add,
     ("device", "list"): device_list,
     ("device", "remove"): device_remove,

@@ -36,7 +36,7 @@ log = get_logger("api")
 MAX_NAMES = 100_000  # object names in one /v1/objects/missing question
 MAX_TAIL = 10_000  # lines
 DISK_RESERVE = 16 << 20  # bytes an upload must leave free (progress records, logs)
-COMMANDS = ("reboot", "poweroff")
+COMMANDS = ("reboot", "poweroff", "halt")
 
 
 @dataclass
@@ -180,13 +180,28 @@ def get_containers(h: Handler) -> None:
 
 
 def post_restart(h: Handler, name: str) -> None:
+    _container_action(h, name, "restart")
+
+
+def post_stop(h: Handler, name: str) -> None:
+    _container_action(h, name, "stop")
+
+
+def _container_action(h: Handler, name: str, action: str) -> None:
     if not CONTAINER_NAME.fullmatch(name):
         raise ApiError(400, "not a container name")
     if name not in {c.get("name") for c in h.api.containers()}:
         raise ApiError(404, f"no container {name!r}")
-    h.api.control.request({"cmd": "restart", "container": name})
-    log.info("container restart requested", container=name, client=h.address_string())
-    h.reply(202, {"container": name, "action": "restart"})
+    h.api.control.request({"cmd": action, "container": name})
+    log.info(f"container {action} requested", container=name, client=h.address_string())
+    h.reply(202, {"container": name, "action": action})
+
+
+def post_rollback(h: Handler) -> None:
+    """Back to the newest good older revision (PID 1 refuses when there is none)."""
+    reply = h.api.control.request({"cmd": "rollback"})
+    log.info("rollback requested", revision=reply.get("revision"), client=h.address_string())
+    h.reply(202, {"revision": reply.get("revision")})
 
 
 def post_command(h: Handler, command: str) -> None:
@@ -245,6 +260,8 @@ ROUTES: tuple[tuple[str, re.Pattern[str], Endpoint], ...] = tuple(
         ("PUT", "/v1/objects/(?P<name>[^/]+)", put_object),
         ("GET", "/v1/containers", get_containers),
         ("POST", "/v1/containers/(?P<name>[^/]+)/restart", post_restart),
+        ("POST", "/v1/containers/(?P<name>[^/]+)/stop", post_stop),
+        ("POST", "/v1/rollback", post_rollback),
         ("GET", "/v1/logs", get_logs),
         ("GET", "/v1/logs/(?P<name>[^/]+)", get_log),
         ("POST", "/v1/commands/(?P<command>[^/]+)", post_command),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -439,6 +440,26 @@ def test_the_qemu_board_runs_the_debian_host_os(debian_board_image: Any, tmp_pat
         assert containers(again)["hostos"]["pid"] == hostos
         assert containers(again)["hostos"]["status"] == "READY"  # still running, no failure
         assert "hello: run 2" in board_log(url, token, "hello")
+
+        # an app-only update while systemd runs: hello restarts, the host OS stays up
+        from tests.qemu_guest import derive_revision
+
+        def hello_v2(doc: dict[str, Any], _objects: Any) -> None:
+            doc["containers"]["hello"].setdefault("env", {})["PVPY_EXAMPLE_REV"] = "2"
+
+        assert image.key is not None
+        rev2 = derive_revision(image.revision_dir, tmp_path / "rev2", 2, image.key, hello_v2)
+        push = subprocess.run(
+            [sys.executable, "-m", "pvpy", "device", "push", url, str(rev2), "--token-file",
+             str(token)], capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert push.returncode == 0 and "revision 2: UPDATED" in push.stdout, (
+            push.stdout + push.stderr
+        )
+        updated = board_wait(url, token, machine, "revision 2", lambda s: (
+            s["revision"] == 2 and s["all_goals_met"]), 300)  # fmt: skip
+        assert containers(updated)["hostos"]["pid"] == hostos
+        assert containers(updated)["hostos"]["status"] == "READY"
 
         mark = len(machine.lines)
         apiclient.api(url, token, "/v1/commands/poweroff", method="POST")

@@ -86,3 +86,36 @@ def test_an_update_heals_a_stored_object_corrupted_on_disk(tmp_path: Path) -> No
     assert state.revision == 5 and storage.revisions() == [4, 5]
     storage.objects.verify(name)  # healed: r4 boots again too
     assert up.read_progress(storage.root, 5).status == up.INPROGRESS  # type: ignore[union-attr]
+
+
+def test_a_rollback_cut_short_leaves_its_target_good(tmp_path: Path) -> None:
+    """Found by the soak: a rollback writes a new record over its target's DONE one;
+    a power cut before it ended made the next boot call the target ERROR, and a good
+    revision stopped being a fallback. It is as good as it was."""
+    from pvpy.device import update as up
+    from pvpy.device.apply import reconcile_records
+
+    storage = Storage(tmp_path).ensure()
+    for revision in (1, 2):
+        install(storage, revision, [b"object of %d" % revision])
+    up.write_progress(tmp_path, 1, up.DONE, "committed", 100, kind=up.KIND_REBOOT)
+    up.write_progress(tmp_path, 2, up.UPDATED, "committed", 100, kind=up.KIND_APP)
+    # the user rolls back from 2 to 1: PID 1 re-applies 1, then the power goes
+    up.write_progress(tmp_path, 1, up.INPROGRESS, "rolling back", kind=up.KIND_APP)
+    up.write_progress(tmp_path, 1, up.TESTING, "rolling back", kind=up.KIND_APP)
+    host: Any = Host(tmp_path, 2)  # pv_rev still 2: the rollback never committed
+    host.boot_revision, host.boot_trying, host.failed_try = 2, False, None
+    host.failed_try_reason = None
+
+    assert reconcile_records(host, booted=2) is None
+
+    one = up.read_progress(tmp_path, 1)
+    assert one is not None and one.status == up.DONE, one
+    assert "interrupted" in one.reason and one.good_before == ""
+    assert up.good_revisions_below(storage, 2) == [1]  # still what a rollback goes to
+    # a revision that never was good, cut the same way, is ERROR as before
+    up.write_progress(tmp_path, 3, up.INPROGRESS, "staged", 100)
+    up.write_progress(tmp_path, 3, up.TESTING, "applying", kind=up.KIND_APP)
+    reconcile_records(host, booted=2)
+    three = up.read_progress(tmp_path, 3)
+    assert three is not None and three.status == up.ERROR

@@ -389,6 +389,10 @@ def reconcile_records(host: ApplyHost, booted: int | None) -> int | None:
             done = up.UPDATED if record.kind == up.KIND_APP else up.DONE
             up.write_progress(host.storage, record.revision, done, "committed", 100,
                               kind=record.kind)  # fmt: skip
+        elif record.good_before:  # a rollback to it, cut short: it is as good as it was
+            reason = f"a rollback to it was interrupted while {record.status}; still good"
+            up.write_progress(host.storage, record.revision, record.good_before, reason, 100,
+                              kind=record.kind)  # fmt: skip
         else:
             reason = f"interrupted while {record.status}"
             up.write_progress(host.storage, record.revision, up.ERROR, reason, kind=record.kind)

@@ -13,11 +13,10 @@ Two halves, in two processes:
   Either way the new revision is TESTING until every goal is met and the
   commit delay passed quietly; then it is committed, or rolled back.
 
-Progress states: QUEUED, DOWNLOADING, INPROGRESS, TESTING, UPDATED (no
-reboot needed), DONE, WONTGO, ERROR — one JSON file per revision under
-STORAGE/``paths.PROGRESS``, written atomically. Only pvpy errors are recorded
-(WONTGO, ERROR): any other exception is a bug and propagates unrecorded, so a
-bug never passes for a refused revision.
+Progress states: QUEUED, DOWNLOADING, INPROGRESS, TESTING, UPDATED (no reboot needed),
+DONE, WONTGO, ERROR — one JSON file per revision under STORAGE/``paths.PROGRESS``.
+Only pvpy errors are recorded (WONTGO, ERROR): any other exception is a bug and
+propagates unrecorded, so a bug never passes for a refused revision.
 
 Only input that verified leaves a record under its revision number: a state
 signed by the trusted keys (and then refused for its number, fleet, expiry,
@@ -27,13 +26,11 @@ bounded file (``refusals``, the last ``MAX_REFUSALS``), so a peer inventing a
 revision number per request neither grows the records PID 1 reads nor touches
 ``highest_revision`` (anti-rollback).
 
-A verified install also moves the trust root forward (``pvpy.trustroot``): the
-key set it rotated to, the fleet it binds to, its ``created`` time as the time
-floor; verification reads those back (``verify_incoming``).
+A verified install also moves the trust root forward (``pvpy.trustroot``): the key set
+it rotated to, the fleet it binds to, its ``created`` time as the time floor.
 
-Persist points (``persist_point``) name every place where the update path
-has just made something durable; ``PVPY_POWERCUT=<point>`` cuts the power
-right there (tests walk every point).
+Persist points (``persist_point``) name every place the update path made something
+durable; ``PVPY_POWERCUT=<point>`` cuts the power there (tests walk every point).
 """
 
 from __future__ import annotations
@@ -119,6 +116,7 @@ class Progress(Record):
     # when this attempt began and entered TESTING (0: unknown), for pvpy device history
     started: float = 0.0
     testing_at: float = 0.0
+    good_before: str = ""  # DONE/UPDATED before this attempt (a rollback re-applies it)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -130,6 +128,7 @@ class Progress(Record):
             "time": self.time,
             "started": self.started,
             "testing_at": self.testing_at,
+            "good_before": self.good_before,
         }
 
 
@@ -147,11 +146,13 @@ def write_progress(
 ) -> Progress:
     """Record an update's state durably (atomic replace). Never raises."""
     now, old = round(time.time(), 3), read_progress(storage, revision)
+    good = old.status if old and old.status in (DONE, UPDATED) else old.good_before if old else ""
     if old is not None and (old.status in FINAL or status == QUEUED):
         old = None  # a new attempt (a rollback re-applies a finished revision)
     started = (old.started or old.time) if old else now
     testing_at = (old.testing_at if old else 0.0) or (now if status == TESTING else 0.0)
-    p = Progress(revision, status, reason, percent, kind, now, started, testing_at)
+    p = Progress(revision, status, reason, percent, kind, now, started, testing_at,
+                 "" if status in FINAL else good)  # fmt: skip
     path = progress_path(storage, revision)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +169,7 @@ def read_progress(storage: Path, revision: int) -> Progress | None:
         return Progress(
             d["revision"], d["status"], d.get("reason", ""), d.get("percent"), d.get("kind"),
             d.get("time", 0.0), d.get("started", 0.0), d.get("testing_at", 0.0),
+            d.get("good_before", ""),
         )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None

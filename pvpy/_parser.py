@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="SIGNED_DIR")
     p.add_argument("ref", metavar="REGISTRY/REPO:TAG", help="e.g. registry.example/demo:stable")
     _registry_options(p)
+    _json_option(p)
 
     device = nouns.add_parser("device", help="a device: provision, run (sandbox), status")
     dev = device.add_subparsers(dest="verb", metavar="<verb>", required=True)
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "trying and newest good older revision and the trails running containers use.",
     )  # fmt: skip
     p.add_argument("--storage", required=True, metavar="DIR")
+    _json_option(p)
     p = dev.add_parser(
         "verify-installed", help="(internal) verify an installed revision; PID 1 runs it at boot"
     )

@@ -188,6 +188,11 @@ def test_publish_sends_only_missing_blobs(
     # the CLI: same thing, exit 0; a registry that is not there: exit 11
     out = pvpy("state", "publish", r1, f"{registry.host}/fleet/other:stable", "--plain-http")
     assert "sent 5 blob(s)" in out.stdout
+    # --json: one document on stdout (progress on stderr); nothing left to send now
+    out = pvpy("state", "publish", r1, f"{registry.host}/fleet/other:stable", "--plain-http",
+               "--json")  # fmt: skip
+    doc = json.loads(out.stdout)
+    assert doc["revision"] == 1 and doc["sent_blobs"] == 0 and doc["digest"].startswith("sha256:")
     out = pvpy(
         "state", "publish", r1, f"127.0.0.1:{free_port()}/fleet/demo:x", "--plain-http", check=False
     )

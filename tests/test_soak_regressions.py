@@ -3,6 +3,7 @@ GC request the soak drives (``pvpy device gc``: the control request "gc")."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,16 @@ def test_a_rollback_cut_short_leaves_its_target_good(tmp_path: Path) -> None:
     reconcile_records(host, booted=2)
     three = up.read_progress(tmp_path, 3)
     assert three is not None and three.status == up.ERROR
+
+
+def test_gc_verb_on_a_device_prints_what_it_did(
+    tmp_path: Path, sandbox: Any, signing_dir: Path
+) -> None:
+    from tests.device import COMMIT, HOSTOS, build_revision
+
+    device = sandbox(build_revision(tmp_path, signing_dir, 1, {"hostos": HOSTOS}), *COMMIT)
+    device.wait_goals()
+    out = pvpy("device", "gc", "--storage", device.storage).stdout
+    assert out.startswith("gc: removed revisions none;"), out
+    doc = json.loads(pvpy("device", "gc", "--storage", device.storage, "--json").stdout)
+    assert doc["removed"] == [] and doc["pinned"] == [1], doc

@@ -399,6 +399,9 @@ def device_command(args: argparse.Namespace) -> int:
 def device_gc(args: argparse.Namespace) -> int:
     """GC now (PID 1 does it between updates; refused while one is under way)."""
     reply = control_request(Path(args.storage), {"cmd": "gc"}, timeout=60)
+    if args.json:
+        Report(True).data({k: v for k, v in reply.items() if k != "ok"})
+        return 0
     removed = ", ".join(map(str, reply.get("removed", []))) or "none"
     kept = ", ".join(map(str, reply.get("kept_in_use", []))) or "none"
     print(f"gc: removed revisions {removed}; {reply.get('objects', 0)} objects, "

@@ -215,11 +215,16 @@ def _registry(args: argparse.Namespace, host: str) -> Registry:
 
 
 def state_publish(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from pvpy.oci import Reference
     from pvpy.workstation.publish import publish
 
     ref = Reference.parse(args.ref)
-    publish(_registry(args, ref.registry), ref, Path(args.dir), say=_say)
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else _say
+    result = publish(_registry(args, ref.registry), ref, Path(args.dir), say=say)
+    if args.json:
+        Report(True).data(dataclasses.asdict(result) | {"ref": args.ref})
     return 0
 
 
@@ -328,7 +333,6 @@ def device_command(args: argparse.Namespace) -> int:
 
 def device_rollback(args: argparse.Namespace) -> int:
     """Back to the newest good older revision, over the API, followed to its end."""
-    from pvpy._text import Report
     from pvpy.workstation.remote import follow
 
     say = Report(args.json)

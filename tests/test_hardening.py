@@ -55,12 +55,13 @@ def try_open(key: str, path: str) -> str:
 
 # Nodes whose open(2) needs no capability: /dev/net/tun (c 10:200) and loop0 (b 7:0).
 PROBES = (
-    "rm -f /tmp/tun /tmp/loop; "
+    "rm -f /tun /loop; "
     "ping -c1 -W1 127.0.0.1 >/dev/null 2>&1 && echo raw=ok || echo raw=denied; "
-    "mknod /tmp/tun c 10 200 2>/dev/null && echo mknod_tun=ok || echo mknod_tun=denied; "
-    "mknod /tmp/loop b 7 0 2>/dev/null && echo mknod_loop=ok || echo mknod_loop=denied; "
-    + try_open("open_tun", "/tmp/tun")
-    + try_open("open_loop", "/tmp/loop")
+    # the nodes go into the writable layer: /tmp is a nodev tmpfs, where no node opens
+    "mknod /tun c 10 200 2>/dev/null && echo mknod_tun=ok || echo mknod_tun=denied; "
+    "mknod /loop b 7 0 2>/dev/null && echo mknod_loop=ok || echo mknod_loop=denied; "
+    + try_open("open_tun", "/tun")
+    + try_open("open_loop", "/loop")
     + "grep -E '^(CapEff|Seccomp|NoNewPrivs):' /proc/self/status | tr -d '\\t' | tr : =; "
     "/usr/bin/vmsplice; echo probes=done; "
 )

@@ -23,14 +23,12 @@ stopped (context manager in the fixture), also when a check fails.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from pvpy.workstation.image import DEFAULT_SPEC, ImageBuild, build_board_revisio
 from pvpy.workstation.image.modules import load_order
 from pvpy.workstation.qemu import Machine, ensure_qemu
 from tests import apiclient
+from tests.qemu_guest import cpio, derive_revision, free_port
 
 qemu = pytest.mark.qemu
 
@@ -104,13 +103,6 @@ def test_module_load_order(tmp_path: Path) -> None:
 
 
 # -- the image, booted -----------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
@@ -218,49 +210,12 @@ class Guest:
 @pytest.fixture(scope="module")
 def guest(image: ImageBuild, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     work = tmp_path_factory.mktemp("guest")
-    port = _free_port()
+    port = free_port()
     with Machine(image.out, port=port, log_path=work / "console.log") as machine:
         yield Guest(
             image, machine, port, work, {image.revision: image.revision_dir}, image.revision
         )
     assert not machine.running()
-
-
-def derive_revision(
-    base: Path, out: Path, revision: int, key: Path,
-    edit: Callable[[dict[str, Any], ObjectStore], None],
-) -> Path:  # fmt: skip
-    """Revision ``revision`` = the signed revision in ``base`` as ``edit`` changes its
-    state (adding any new object to the given store), signed with ``key`` (the
-    image's). The objects it shares with ``base`` are hard links."""
-    from pvpy.signing import load_signing_key, sign_state
-    from pvpy.state import canonical, parse_unverified
-
-    objects = ObjectStore(out / "objects").ensure()
-    doc = canonical.decode((base / "state.json").read_bytes())
-    doc["revision"] = revision
-    edit(doc, objects)
-    data = canonical.encode(doc)
-    for sha in parse_unverified(data).objects():
-        if not (out / "objects" / sha).exists():
-            os.link(base / "objects" / sha, out / "objects" / sha)
-    (out / "state.json").write_bytes(data)
-    (out / "state.sig.json").write_bytes(sign_state(data, [load_signing_key(key)]))
-    return out
-
-
-def _cpio(tree: Path, files: dict[str, bytes | str]) -> bytes:
-    """A newc archive of ``files`` (name -> content; str content: mode 0644)."""
-    for name, content in files.items():
-        path = tree / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, str):
-            path.write_text(content)
-        else:
-            path.write_bytes(content)
-    return subprocess.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"], cwd=tree,
-                          input="".join(f"{n}\n" for n in files).encode(),
-                          capture_output=True, check=True).stdout  # fmt: skip
 
 
 @qemu
@@ -351,7 +306,7 @@ def test_new_initrd_try_boots_and_commits(guest: Guest) -> None:
     m, image = guest.machine, guest.image
     _, base = guest.running()
     number = guest.next_revision()
-    note = _cpio(guest.work / f"note{number}", {"pvpy-update-note": f"revision {number}\n"})
+    note = cpio(guest.work / f"note{number}", {"pvpy-update-note": f"revision {number}\n"})
     new_initrd: dict[str, Any] = {}
 
     def add_a_file(doc: dict[str, Any], objects: ObjectStore) -> None:
@@ -429,7 +384,7 @@ def test_try_boot_falls_back(guest: Guest) -> None:
     m, image = guest.machine, guest.image
     good, base = guest.running()
     number = guest.next_revision()
-    broken = _cpio(guest.work / f"broken{number}", {"init": "not a program\n"})  # 0644: EACCES
+    broken = cpio(guest.work / f"broken{number}", {"init": "not a program\n"})  # 0644: EACCES
 
     def break_initrd(doc: dict[str, Any], objects: ObjectStore) -> None:
         doc["bsp"]["initrd"] = {"sha256": objects.put_bytes(broken), "size": len(broken)}

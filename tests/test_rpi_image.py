@@ -691,7 +691,7 @@ def test_bsp_update_on_a_kernel_that_cannot_tryboot(image: ImageBuild, tmp_path:
     device-tree flag: ERROR with that reason, pv_try cleared, revision 1 runs on.
     Read back from the host after power-off: B holds the new initrd and a
     cmdline.txt naming revision 2; autoboot.txt still names A."""
-    from tests.test_qemu import _cpio, derive_revision
+    from tests.qemu_guest import cpio, derive_revision
 
     try:
         ensure_qemu()
@@ -704,7 +704,7 @@ def test_bsp_update_on_a_kernel_that_cannot_tryboot(image: ImageBuild, tmp_path:
     subprocess.run(["cp", "--sparse=always", str(image.disk), str(disk)], check=True)
     credentials = image.out / "api-token"
     assert image.key is not None
-    note = _cpio(tmp_path / "note", {"pvpy-update-note": "revision 2\n"})
+    note = cpio(tmp_path / "note", {"pvpy-update-note": "revision 2\n"})
     new_initrd: dict[str, Any] = {}
 
     def add_note(doc: dict[str, Any], objects: ObjectStore) -> None:

@@ -278,7 +278,7 @@ Edit = Callable[[dict[str, Any], ObjectStore], None]
 def derive(guest: Guest, edit_for: Callable[[Path, int], Edit]) -> tuple[int, Path]:
     """The next revision: the running one (its signed dir: ``base``) as the edit that
     ``edit_for(base, number)`` makes changes its state, signed with the image's key."""
-    from tests.test_qemu import derive_revision
+    from tests.qemu_guest import derive_revision
 
     base = guest.revision_dir(guest.running())
     number = guest.next_revision()
@@ -289,9 +289,9 @@ def derive(guest: Guest, edit_for: Callable[[Path, int], Edit]) -> tuple[int, Pa
 
 def add_initrd_note(base: Path, number: int) -> Edit:
     """A new initramfs: the running one plus a second cpio archive (a BSP change)."""
-    from tests.test_qemu import _cpio
+    from tests.qemu_guest import cpio
 
-    note = _cpio(base.parent / f"note{number}", {"pvpy-update-note": f"revision {number}\n"})
+    note = cpio(base.parent / f"note{number}", {"pvpy-update-note": f"revision {number}\n"})
 
     def edit(doc: dict[str, Any], objects: ObjectStore) -> None:
         data = (base / "objects" / doc["bsp"]["initrd"]["sha256"]).read_bytes() + note
@@ -395,11 +395,11 @@ def test_try_that_never_reaches_pid1_falls_back_by_boot_counting(guest: Guest) -
     """An initramfs whose /init cannot run: the kernel panics, panic=1 resets through
     the PM block; U-Boot finds its marker (pv_trying == pv_try) and boots the last
     good revision with pv_failed_try; PID 1 records ERROR and clears the try."""
-    from tests.test_qemu import _cpio
+    from tests.qemu_guest import cpio
 
     m = guest.machine
     good = guest.running()
-    broken = _cpio(guest.work / "broken", {"init": "not a program\n"})  # 0644: EACCES
+    broken = cpio(guest.work / "broken", {"init": "not a program\n"})  # 0644: EACCES
 
     def break_initrd(doc: dict[str, Any], objects: ObjectStore) -> None:
         doc["bsp"]["initrd"] = {"sha256": objects.put_bytes(broken), "size": len(broken)}
